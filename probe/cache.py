@@ -1,0 +1,204 @@
+"""The HDF5 feature cache: one file per key, written so that an interrupted run never leaves a file
+that looks complete.
+
+Layout of a cache file (readable with plain h5py):
+
+    /train/features  [N, D] float32 or float16, chunked
+    /train/labels    [N] int64
+    /test/...        the same, where the data set has a test split
+    attributes       probe_format, complete, key (JSON), key_hash, model, weights, resolution,
+                     preprocessing (JSON), dataset, fingerprint, dtype, feature_dim, classes (JSON),
+                     versions (JSON), created
+
+While an extraction runs, finished batches go to `<file>.parts/` as .npy shards, each written to a
+temporary name and renamed, so a killed run loses at most the shard in progress and the next run
+resumes from the last whole one. The HDF5 file is assembled at the end under a temporary name and
+renamed into place: a file with the final name is always complete.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from probe.errors import ProbeError
+
+FORMAT = 1
+SPLITS = ("train", "test")
+
+
+def cache_key(*, dataset: str, fingerprint: str, model: str, weights: str, resolution: int,
+              preprocessing: dict, dtype: str) -> dict:
+    """Everything that changes the features; any change gives another file."""
+    return {"dataset": dataset, "fingerprint": fingerprint, "model": model, "weights": weights,
+            "resolution": resolution, "preprocessing": preprocessing, "dtype": dtype, "probe_format": FORMAT}
+
+
+def key_hash(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def cache_path(cache_dir: str | os.PathLike, key: dict) -> Path:
+    """A readable name, e.g. cifar10__resnet18__default__r224__float32__1a2b3c4d5e.h5."""
+    dataset = key["dataset"]
+    if dataset.startswith("folder:"):
+        dataset = "folder-" + Path(dataset[len("folder:"):]).name
+    parts = [dataset, key["model"], key["weights"], f"r{key['resolution']}", key["dtype"], key_hash(key)]
+    return Path(cache_dir) / ("__".join(re.sub(r"[^A-Za-z0-9._-]+", "-", p) for p in parts) + ".h5")
+
+
+class PartialCache:
+    """The shards of an unfinished extraction, in `<file>.parts/`."""
+
+    def __init__(self, final: Path, key: dict):
+        self.final, self.key = final, key
+        self.dir = final.with_name(final.name + ".parts")
+
+    def start(self, resume: bool = True) -> None:
+        """Keep shards of an earlier run with the same key, or start empty."""
+        if resume and self._key_matches():
+            return
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.dir.mkdir(parents=True)
+        _atomic_write_bytes(self.dir / "key.json", json.dumps(self.key, sort_keys=True).encode())
+
+    def _key_matches(self) -> bool:
+        try:
+            return json.loads((self.dir / "key.json").read_text()) == json.loads(json.dumps(self.key))
+        except (OSError, ValueError):
+            return False
+
+    def shards(self, split: str) -> list[tuple[int, int, Path]]:
+        """(start, stop, path) of the contiguous shards from row 0; a gap or an unreadable shard ends it."""
+        found = []
+        for p in self.dir.glob(f"{split}-*.npy"):
+            m = re.fullmatch(rf"{split}-(\d+)-(\d+)\.npy", p.name)
+            if m:
+                found.append((int(m[1]), int(m[2]), p))
+        contiguous, row = [], 0
+        for start, stop, p in sorted(found):
+            if start != row:
+                break
+            contiguous.append((start, stop, p))
+            row = stop
+        return contiguous
+
+    def rows_done(self, split: str) -> int:
+        shards = self.shards(split)
+        return shards[-1][1] if shards else 0
+
+    def write(self, split: str, start: int, features: np.ndarray) -> None:
+        path = self.dir / f"{split}-{start:09d}-{start + len(features):09d}.npy"
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, features)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def read(self, split: str) -> np.ndarray:
+        arrays = []
+        for _, stop, p in self.shards(split):
+            try:
+                arrays.append(np.load(p))
+            except (OSError, ValueError):  # a shard cut short: redo from there
+                p.unlink()
+                raise ProbeError(f"shard {p} was damaged and has been removed; run the same command again to resume")
+        return np.concatenate(arrays)
+
+    def finish(self, *, classes: list[str], labels: dict[str, np.ndarray], feature_dim: int, versions: dict) -> Path:
+        """Assemble the shards into the final HDF5 file (atomically) and remove them."""
+        tmp = self.final.with_name(self.final.name + ".tmp")
+        with h5py.File(tmp, "w") as f:
+            for split, split_labels in labels.items():
+                features = self.read(split)
+                if len(features) != len(split_labels):
+                    raise ProbeError(f"{split}: {len(features)} features for {len(split_labels)} labels in {self.dir}")
+                rows = max(1, min(len(features), (1 << 20) // (feature_dim * features.itemsize)))
+                group = f.create_group(split)
+                group.create_dataset("features", data=features, chunks=(rows, feature_dim))
+                group.create_dataset("labels", data=split_labels.astype(np.int64), chunks=(min(len(split_labels), 1 << 16),))
+            key = self.key
+            f.attrs.update({
+                "probe_format": FORMAT, "key": json.dumps(key, sort_keys=True), "key_hash": key_hash(key),
+                "model": key["model"], "weights": key["weights"], "resolution": key["resolution"],
+                "preprocessing": json.dumps(key["preprocessing"]), "dataset": key["dataset"],
+                "fingerprint": key["fingerprint"], "dtype": key["dtype"], "feature_dim": feature_dim,
+                "classes": json.dumps(classes), "versions": json.dumps(versions),
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            })
+            f.attrs["complete"] = True  # last, after everything else is in the file
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, self.final)
+        shutil.rmtree(self.dir, ignore_errors=True)
+        return self.final
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+@dataclass
+class FeatureCache:
+    """A validated cache file. `load(split)` reads (features, labels) into memory."""
+
+    path: Path
+    attrs: dict
+    classes: list[str]
+    feature_dim: int
+    splits: list[str]
+
+    @property
+    def key(self) -> dict:
+        return json.loads(self.attrs["key"])
+
+    def load(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        if split not in self.splits:
+            raise ProbeError(f"cache {self.path} has no {split} split (its data set had no {split}/ folder)")
+        try:
+            with h5py.File(self.path, "r") as f:
+                return f[f"{split}/features"][...], f[f"{split}/labels"][...]
+        except OSError as e:
+            raise ProbeError(f"cache {self.path} is corrupt ({e}); delete it and run probe extract again") from None
+
+
+def open_cache(path: str | os.PathLike) -> FeatureCache:
+    """Open a cache file and check that it is complete and self-consistent before trusting it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ProbeError(f"no cache file {path}")
+    fix = "delete it and run probe extract again"
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = dict(f.attrs)
+            if attrs.get("probe_format") != FORMAT:
+                raise ProbeError(f"{path} is not a probe cache of format {FORMAT}; {fix}")
+            if not attrs.get("complete"):
+                raise ProbeError(f"cache {path} is incomplete; {fix}")
+            classes = json.loads(attrs["classes"])
+            dim = int(attrs["feature_dim"])
+            splits = [s for s in SPLITS if s in f]
+            if "train" not in splits:
+                raise ProbeError(f"cache {path} has no train split; {fix}")
+            for s in splits:
+                features, labels = f[f"{s}/features"], f[f"{s}/labels"]
+                if features.ndim != 2 or features.shape[1] != dim or labels.shape != (features.shape[0],):
+                    raise ProbeError(f"cache {path}: {s} features {features.shape} and labels {labels.shape} "
+                                     f"do not fit width {dim}; {fix}")
+    except ProbeError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError) as e:
+        raise ProbeError(f"cache {path} is unreadable or corrupt ({str(e).splitlines()[0]}); {fix}") from None
+    return FeatureCache(path, attrs, classes, dim, splits)

