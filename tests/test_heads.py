@@ -1,0 +1,76 @@
+"""Each head on real features (the bundled sample through the pretrained lite0)."""
+
+import io
+
+import joblib
+import numpy as np
+import pytest
+from sklearn.base import clone
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+
+from probe.cache import open_cache
+from probe.errors import ProbeError
+from probe.heads import HEADS, CosineKNN, LogisticProbe, make_head
+
+
+@pytest.fixture(scope="module")
+def features(sample_cache):
+    cache = open_cache(sample_cache)
+    (X, y), (Xt, yt) = cache.load("train"), cache.load("test")
+    scaler = StandardScaler().fit(X)
+    return scaler.transform(X).astype(np.float32), y, scaler.transform(Xt).astype(np.float32), yt
+
+
+@pytest.mark.parametrize("name", list(HEADS))
+def test_each_head_beats_chance_clearly_and_round_trips(features, name):
+    X, y, Xt, yt = features
+    head = make_head(name, device="cpu")
+    assert head.fit(X, y) is head
+    accuracy = head.score(Xt, yt)
+    assert accuracy > 0.4, accuracy  # ten classes: chance is 0.1
+    proba = head.predict_proba(Xt)
+    assert proba.shape == (len(yt), 10)
+    np.testing.assert_allclose(proba.sum(1), 1, rtol=1e-5)
+    buffer = io.BytesIO()
+    joblib.dump(head, buffer)
+    buffer.seek(0)
+    np.testing.assert_array_equal(joblib.load(buffer).predict(Xt), head.predict(Xt))
+    # Clonable with the same hyperparameters, like any scikit-learn estimator.
+    assert clone(head).get_params() == head.get_params()
+
+
+def test_logreg_with_fixed_C_solves_scikit_learns_objective(features):
+    X, y, Xt, _ = features
+    ours = LogisticProbe(C=0.05, device="cpu", tol=1e-6).fit(X, y)
+    theirs = LogisticRegression(C=0.05, max_iter=2000, tol=1e-8).fit(X, y)
+    np.testing.assert_allclose(ours.predict_proba(Xt), theirs.predict_proba(Xt), atol=2e-3)
+    assert (ours.predict(Xt) == theirs.predict(Xt)).mean() > 0.99
+
+
+def test_logreg_sweep_picks_the_best_validated_C(features):
+    X, y, _, _ = features
+    head = LogisticProbe(device="cpu").fit(X, y)
+    tried = dict(head.sweep_)
+    assert head.C_ in tried and tried[head.C_] == max(tried.values())
+    assert len(tried) >= 3 and list(tried) == sorted(tried)
+
+
+def test_knn_votes_of_its_neighbours():
+    X = np.array([[1, 0], [0.9, 0.1], [0, 1], [0.1, 0.9], [0.2, 1.0]], dtype=np.float32)
+    y = np.array(["a", "a", "b", "b", "b"])
+    knn = CosineKNN(k=3, device="cpu").fit(X, y)
+    assert knn.predict(np.array([[1, 0.05], [0, 2]], dtype=np.float32)).tolist() == ["a", "b"]
+    np.testing.assert_allclose(knn.predict_proba(np.array([[1, 0.05]], dtype=np.float32)), [[2 / 3, 1 / 3]])
+
+
+def test_torch_heads_are_deterministic_for_a_seed(features):
+    X, y, Xt, _ = features
+    a = make_head("mlp", random_state=3, epochs=2, device="cpu").fit(X, y).predict_proba(Xt)
+    b = make_head("mlp", random_state=3, epochs=2, device="cpu").fit(X, y).predict_proba(Xt)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_unknown_head_lists_the_valid_ones():
+    with pytest.raises(ProbeError, match="logreg, linear, mlp, knn"):
+        make_head("svm")
