@@ -127,7 +127,8 @@ def _print_metrics(out, m, as_json):
     if as_json:
         click.echo(json.dumps(m, indent=2))
         return
-    extra = f", C={m['hyperparameters']['C_chosen']:.3g} by sweep" if "C_chosen" in m.get("hyperparameters", {}) else ""
+    hp = m.get("hyperparameters", {})
+    extra = f", C={hp['C_chosen']:.3g} ({hp['C_from']})" if "C_chosen" in hp else ""
     click.echo(f"{m['method']} on {m['model']}: test accuracy {m['test_accuracy']:.2%} "
                f"({m['n_train']} train, {m['n_test']} test, {m['wall_seconds']:.1f} s{extra})")
     click.echo(f"saved {out}")

@@ -21,7 +21,7 @@ def demo(*, model: str = "efficientnet_lite0", resolution: int | None = None, ca
         f"{extracted.images} images in {extracted.seconds:.0f} s ({extracted.images_per_second:.0f}/s)"
     return "\n".join([
         f"extract  {model} on the bundled sample: {how} -> {extracted.path}",
-        f"fit      logreg (C={m['hyperparameters']['C_chosen']:.3g} by sweep) in {m['fit_seconds']:.1f} s: "
+        f"fit      logreg (C={m['hyperparameters']['C_chosen']:.3g}, {m['hyperparameters']['C_from']}) in {m['fit_seconds']:.1f} s: "
         f"test accuracy {m['test_accuracy']:.1%} on {m['n_test']} images ({m['n_train']} train)",
         f"predict  {image.relative_to(SAMPLE_DIR)}: " + ", ".join(f"{t['class']} {t['probability']:.0%}" for t in top),
         f"saved    {fitted.out}/head.joblib and metrics.json",

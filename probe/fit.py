@@ -144,6 +144,7 @@ def _hyperparameters(pipeline) -> dict:
     hp = {k: v for k, v in head.get_params().items() if isinstance(v, (int, float, str, bool, type(None)))}
     if hasattr(head, "C_"):
         hp["C_chosen"] = head.C_
+        hp["C_from"] = "sweep" if head.sweep_ else ("--C" if head.C is not None else "default: too few samples to sweep")
         hp["sweep"] = [{"C": c, "val_accuracy": a} for c, a in head.sweep_]
     return hp
 

@@ -60,7 +60,8 @@ class LogisticProbe(_TorchClassifier):
     C=None sweeps `Cs` on a stratified validation split (`val_fraction`) and refits on all data
     with the best one. Validation accuracy rises and then falls with C, so the sweep stops once it
     has fallen `patience` grid points in a row. After fit, C_ is the C used and sweep_ holds the
-    (C, validation accuracy) pairs that were tried.
+    (C, validation accuracy) pairs that were tried; with too few samples for a validation split
+    (under 2 per class) the sweep is skipped, C_ is 1.0 (scikit-learn's default) and sweep_ is empty.
     """
 
     def __init__(self, C: float | None = None, Cs=DEFAULT_CS, val_fraction: float = 0.2, patience: int = 2,
@@ -73,8 +74,9 @@ class LogisticProbe(_TorchClassifier):
         X, y = self._encode(X, y)
         dev = _device(self.device)
         k = len(self.classes_)
-        if self.C is not None:
-            self.C_, self.sweep_ = float(self.C), []
+        too_few = np.bincount(y).min() < 2 or int(len(y) * self.val_fraction) < k
+        if self.C is not None or too_few:  # too few samples to hold out a stratified validation split
+            self.C_, self.sweep_ = float(self.C if self.C is not None else 1.0), []
             W = b = None
         else:
             tr, va = train_test_split(np.arange(len(y)), test_size=self.val_fraction, stratify=y,

@@ -74,3 +74,11 @@ def test_torch_heads_are_deterministic_for_a_seed(features):
 def test_unknown_head_lists_the_valid_ones():
     with pytest.raises(ProbeError, match="logreg, linear, mlp, knn"):
         make_head("svm")
+
+
+def test_logreg_without_enough_samples_to_validate_uses_the_default_C(features):
+    X, y, Xt, yt = features
+    rows = np.concatenate([np.flatnonzero(y == c)[:1] for c in range(10)])  # one image per class
+    head = LogisticProbe(device="cpu").fit(X[rows], y[rows])
+    assert head.C_ == 1.0 and head.sweep_ == []
+    assert head.score(Xt, yt) > 0.1

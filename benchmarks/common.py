@@ -1,0 +1,59 @@
+"""What every benchmark shares: the machine it ran on and where its JSON result goes."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def machine() -> dict:
+    """CPU model and cores, and the GPU name when there is one."""
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "python": platform.python_version()}
+    for package in ("torch", "torchvision", "timm", "scikit-learn", "h5py"):
+        try:
+            info[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return info
+
+
+def write_result(name: str, result: dict, out: str | os.PathLike | None = None) -> Path:
+    """Write {"benchmark", "created", "machine", ...result} as JSON to `out` or results/<name>.json."""
+    path = Path(out) if out else RESULTS / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"benchmark": name, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "machine": machine(), **result}
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {path}")
+    return path
+
+
+def folder_subset(source: Path, dest: Path, per_class: dict[str, int | None]) -> Path:
+    """An image folder with the first n files of each class of each split (symlinks, nothing copied)."""
+    for split, n in per_class.items():
+        for cls in sorted(p.name for p in (source / split).iterdir() if p.is_dir()):
+            target = dest / split / cls
+            target.mkdir(parents=True, exist_ok=True)
+            for f in sorted((source / split / cls).iterdir())[:n]:
+                link = target / f.name
+                if not link.exists():
+                    link.symlink_to(f.resolve())
+    return dest
