@@ -104,9 +104,12 @@ def main(argv=None):
                             cache_dir=str(Path(tmp) / "cache"), device=args.device, progress=False)
         extract_s = time.perf_counter() - t0
         fits = {}
-        for head in ("logreg", "linear"):
+        for head, C in (("logreg", None), ("linear", None), ("logreg_fixed_C", "chosen")):
+            # logreg_fixed_C: a later experiment that reuses the C the first sweep chose (probe fit --C).
+            C = fits["logreg"]["hyperparameters"]["C_chosen"] if C else None
             t0 = time.perf_counter()
-            m = fit(head=head, features=str(extracted.path), out=str(Path(tmp) / head), device=args.device).metrics
+            m = fit(head=head.replace("_fixed_C", ""), C=C, features=str(extracted.path), out=str(Path(tmp) / head),
+                    device=args.device).metrics
             fits[head] = {"seconds": time.perf_counter() - t0, "fit_seconds": m["fit_seconds"],
                           "test_accuracy": m["test_accuracy"], "hyperparameters": m["hyperparameters"]}
             print(f"  {head}: {fits[head]['seconds']:.2f} s, test accuracy {m['test_accuracy']:.4f}")
@@ -125,6 +128,7 @@ def main(argv=None):
             "later_experiment_logreg": base["seconds"] / logreg["seconds"],
             "first_experiment_linear": base["seconds"] / (extract_s + fits["linear"]["seconds"]),
             "later_experiment_linear": base["seconds"] / fits["linear"]["seconds"],
+            "later_experiment_logreg_fixed_C": base["seconds"] / fits["logreg_fixed_C"]["seconds"],
             # How much of the first-experiment gain is the faster single pass rather than the caching.
             "one_backbone_pass_baseline_epoch_over_extract": base["seconds_per_epoch"] / extract_s,
         },

@@ -202,3 +202,72 @@ def open_cache(path: str | os.PathLike) -> FeatureCache:
     except (OSError, KeyError, ValueError, TypeError) as e:
         raise ProbeError(f"cache {path} is unreadable or corrupt ({str(e).splitlines()[0]}); {fix}") from None
     return FeatureCache(path, attrs, classes, dim, splits)
+
+
+def list_caches(cache_dir: str | os.PathLike = "cache") -> list[dict]:
+    """One row per cache file or unfinished extraction under cache_dir, for `probe cache ls`."""
+    cache_dir = Path(cache_dir)
+    if not cache_dir.is_dir():
+        raise ProbeError(f"no cache folder {cache_dir}")
+    rows = []
+    for path in sorted(cache_dir.glob("*.h5")):
+        row = {"file": path.name, "size_mb": path.stat().st_size / 2**20}
+        try:
+            cache = open_cache(path)
+            with h5py.File(path, "r") as f:
+                sizes = {s: int(f[f"{s}/labels"].shape[0]) for s in cache.splits}
+            row.update(status="complete", model=cache.attrs["model"], dataset=cache.attrs["dataset"],
+                       width=cache.feature_dim, dtype=cache.attrs["dtype"], splits=sizes)
+        except ProbeError as e:
+            row.update(status="corrupt", problem=str(e))
+        rows.append(row)
+    for parts in sorted(cache_dir.glob("*.h5.parts")):
+        partial = PartialCache(parts.with_name(parts.name[: -len(".parts")]), {})
+        done = {s: partial.rows_done(s) for s in SPLITS}
+        size = sum(f.stat().st_size for f in parts.iterdir()) / 2**20
+        rows.append({"file": parts.name, "size_mb": size, "status": "incomplete (resumable)", "splits": done})
+    return rows
+
+
+def verify_cache(path: str | os.PathLike) -> list[str]:
+    """Read every attribute and dataset of a cache file; return the problems found (empty: sound)."""
+    try:
+        cache = open_cache(path)
+    except ProbeError as e:
+        return [str(e)]
+    problems = []
+    key = cache.key
+    if key_hash(key) != cache.attrs.get("key_hash") or not Path(path).stem.endswith(key_hash(key)):
+        problems.append(f"{path}: the key does not match its hash or the file name (renamed or edited?)")
+    try:
+        with h5py.File(path, "r") as f:
+            for s in cache.splits:
+                features, labels = f[f"{s}/features"][...], f[f"{s}/labels"][...]
+                if not np.isfinite(features).all():
+                    problems.append(f"{path}: {s} features hold NaN or infinite values")
+                if len(labels) and (labels.min() < 0 or labels.max() >= len(cache.classes)):
+                    problems.append(f"{path}: {s} labels outside 0..{len(cache.classes) - 1}")
+            for name in ("versions", "preprocessing"):
+                json.loads(f.attrs[name])
+    except (OSError, KeyError, ValueError) as e:
+        problems.append(f"{path}: unreadable ({type(e).__name__}: {e}); delete it and run probe extract again")
+    return problems
+
+
+def remove_cache(path: str | os.PathLike) -> list[Path]:
+    """Delete a cache file with its unfinished shards and lock file; returns what was removed."""
+    path = Path(path)
+    if path.suffix != ".h5" and not path.name.endswith(".h5.parts"):
+        raise ProbeError(f"{path} is not a cache file (*.h5)")
+    base = path if path.suffix == ".h5" else path.with_name(path.name[: -len(".parts")])
+    removed = []
+    for p in (base, base.with_name(base.name + ".parts"), base.with_name(base.name + ".lock")):
+        if p.is_dir():
+            shutil.rmtree(p)
+            removed.append(p)
+        elif p.exists():
+            p.unlink()
+            removed.append(p)
+    if not removed:
+        raise ProbeError(f"no cache file {path}")
+    return removed

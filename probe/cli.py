@@ -61,6 +61,8 @@ def main(ctx, quiet):
       probe extract --model resnet18               # CIFAR-10 through ResNet-18 -> cache/*.h5
       probe fit --model resnet18 --head logreg     # a head on the cached features
       probe predict --head runs/.../head.joblib cat.jpg
+      probe finetune --model resnet18 --strategy partial
+      probe compare runs/*                         # every run in one table
     """
     ctx.obj = {"progress": not quiet}
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
@@ -155,6 +157,104 @@ def predict(head, images, top_k, device, as_json):
             click.echo(f"{r['image']}: " + ", ".join(f"{t['class']} {t['probability']:.1%}" for t in r["top"]))
     if any("error" in r for r in results):
         sys.exit(2)
+
+
+@main.group()
+def cache():
+    """Look after the feature cache: ls, verify, rm."""
+
+
+@cache.command("ls")
+@click.option("--cache-dir", default="cache", show_default=True, help="Feature cache folder.")
+@_errors_to_exit_codes
+def cache_ls(cache_dir):
+    """Each cache file: model, data set, split sizes, width, dtype, size on disk, complete or not."""
+    from probe.cache import list_caches
+
+    for r in list_caches(cache_dir):
+        splits = " ".join(f"{k}={v}" for k, v in r.get("splits", {}).items())
+        what = f"{r['model']} on {r['dataset']}, width {r['width']} {r['dtype']}" if "model" in r else r.get("problem", "")
+        click.echo(f"{r['status']:<24}{r['size_mb']:>9.1f} MB  {splits:<24} {what}  {r['file']}")
+
+
+@cache.command("verify")
+@click.argument("paths", nargs=-1, type=click.Path())
+@click.option("--cache-dir", default="cache", show_default=True, help="Verify every file here when no PATH is given.")
+@_errors_to_exit_codes
+def cache_verify(paths, cache_dir):
+    """Read every attribute and dataset of cache files and report problems (exit 2 if any)."""
+    from pathlib import Path
+
+    from probe.cache import verify_cache
+
+    files = list(paths) or sorted(str(p) for p in Path(cache_dir).glob("*.h5"))
+    problems = [p for f in files for p in verify_cache(f)]
+    for p in problems:
+        click.echo(f"problem: {p}", err=True)
+    click.echo(f"verified {len(files)} file(s): {len(problems)} problem(s)")
+    if problems:
+        sys.exit(2)
+
+
+@cache.command("rm")
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@_errors_to_exit_codes
+def cache_rm(paths):
+    """Delete cache files (with any unfinished shards and their lock files)."""
+    from probe.cache import remove_cache
+
+    for path in paths:
+        for removed in remove_cache(path):
+            click.echo(f"removed {removed}")
+
+
+@main.command()
+@click.option("--strategy", help="linear (frozen backbone), partial (last stage), full, or lp-ft. [default: partial]")
+@click.option("--model", help="Backbone (see `probe models`). [default: resnet18]")
+@click.option("--dataset", help="cifar10, sample or folder:PATH. [default: cifar10]")
+@click.option("--weights", help="default, none or a state-dict file. [default: default]")
+@click.option("--resolution", type=int, help="Input size in pixels. [default: the backbone's own]")
+@click.option("--data-dir", help="Where cifar10 is. [default: data]")
+@click.option("--classes", help="Comma-separated class names or indices to keep.")
+@click.option("--train-per-class", type=int, help="A balanced, seeded subset of N training images per class.")
+@click.option("--seed", type=int, help="Seed of the subset, the new layer, the shuffling. [default: 0]")
+@click.option("--epochs", type=int, help="Epochs in all (lp-ft: both stages). [default: 10]")
+@click.option("--lp-epochs", type=int, help="lp-ft: epochs of the head-only stage. [default: half of --epochs]")
+@click.option("--batch-size", type=int, help="[default: 64]")
+@click.option("--optimizer", help="adamw or sgd (momentum 0.9). [default: adamw]")
+@click.option("--lr", type=float, help="Backbone learning rate. [default: 1e-4]")
+@click.option("--head-lr", type=float, help="Classifier learning rate. [default: 1e-3]")
+@click.option("--weight-decay", type=float, help="[default: 1e-4]")
+@click.option("--schedule", help="cosine, or step (step 5, gamma 0.1). [default: cosine]")
+@click.option("--augmentation", help="rrc (RandomResizedCrop 0.6-1 + flip), crop (RandomCrop pad 4 + flip), none. [default: rrc]")
+@click.option("--unfreeze", multiple=True, help="partial: more parameter-name prefixes to train (repeatable).")
+@click.option("--init-head", help="lp-ft: start the classifier from this probe fit head (logreg or linear).")
+@click.option("--device", help="auto, cpu or cuda. [default: auto]")
+@click.option("--out", help="Run folder. [default: runs/finetune__<dataset>__<model>__<strategy>]")
+@click.option("--resume", is_flag=True, default=None, help="Continue from the run folder's last checkpoint.")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics JSON.")
+@click.pass_obj
+@_errors_to_exit_codes
+def finetune(obj, as_json, classes, unfreeze, **options):
+    """Fine-tune the backbone on the images (the comparison stage): frozen vs partial vs full vs lp-ft."""
+    from probe.finetune import finetune as run
+
+    result = run(**_kwargs(**options, classes=classes.split(",") if classes else None,
+                           unfreeze=tuple(unfreeze) or None), progress=obj["progress"])
+    _print_metrics(result.out, result.metrics, as_json)
+
+
+@main.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path())
+@click.option("--out", help="Folder for compare.csv and compare.md. [default: runs/compare]")
+@click.option("--plot", help="Folder for accuracy.png and curves.png.")
+@_errors_to_exit_codes
+def compare(runs, out, plot):
+    """Merge the metrics of runs (fits and fine-tunes) into one table; --plot draws the charts."""
+    from probe.compare import compare as run
+
+    _, text = run(list(runs), **_kwargs(out=out, plot=plot))
+    click.echo(text, nl=False)
 
 
 @main.command()

@@ -60,24 +60,12 @@ def select(cache: FeatureCache, *, classes: list[str] | None = None, train_per_c
 
     Returns (class names, X_train, y_train, X_test, y_test); labels are renumbered 0..len(classes)-1.
     """
-    keep = _class_indices(cache.classes, classes)
+    keep = class_indices(cache.classes, classes)
     X, y = cache.load("train")
     Xt, yt = cache.load("test") if need_test or "test" in cache.splits else (None, None)
     remap = np.full(len(cache.classes), -1)
     remap[keep] = np.arange(len(keep))
-    rows = np.flatnonzero(np.isin(y, keep))
-    if train_per_class is not None:
-        if train_per_class < 1:
-            raise ProbeError(f"--train-per-class must be positive, not {train_per_class}")
-        rng = np.random.default_rng(seed)
-        chosen = []
-        for c in keep:
-            of_class = rows[y[rows] == c]
-            if len(of_class) < train_per_class:
-                raise ProbeError(f"--train-per-class {train_per_class}, but class {cache.classes[c]!r} has only "
-                                 f"{len(of_class)} training images in {cache.path.name}")
-            chosen.append(rng.choice(of_class, train_per_class, replace=False))
-        rows = np.sort(np.concatenate(chosen))
+    rows = balanced_rows(y, keep, train_per_class, seed, cache.classes, cache.path.name)
     X, y = X[rows], remap[y[rows]]
     if Xt is not None:
         test_rows = np.flatnonzero(np.isin(yt, keep))
@@ -85,7 +73,26 @@ def select(cache: FeatureCache, *, classes: list[str] | None = None, train_per_c
     return [cache.classes[c] for c in keep], X, y, Xt, yt
 
 
-def _class_indices(names: list[str], wanted: list[str] | None) -> list[int]:
+def balanced_rows(labels: np.ndarray, keep: list[int], per_class: int | None, seed: int, names: list[str],
+                   source: str) -> np.ndarray:
+    """Rows of the kept classes; with per_class, a seeded subset of exactly that many of each."""
+    rows = np.flatnonzero(np.isin(labels, keep))
+    if per_class is None:
+        return rows
+    if per_class < 1:
+        raise ProbeError(f"--train-per-class must be positive, not {per_class}")
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for c in keep:
+        of_class = rows[labels[rows] == c]
+        if len(of_class) < per_class:
+            raise ProbeError(f"--train-per-class {per_class}, but class {names[c]!r} has only "
+                             f"{len(of_class)} training images in {source}")
+        chosen.append(rng.choice(of_class, per_class, replace=False))
+    return np.sort(np.concatenate(chosen))
+
+
+def class_indices(names: list[str], wanted: list[str] | None) -> list[int]:
     if not wanted:
         return list(range(len(names)))
     indices = []

@@ -1,0 +1,299 @@
+"""`probe finetune`: the comparison stage. The same backbone trained on the same images, with images
+through it every epoch: frozen (`linear`), last stage (`partial`), everything (`full`), or head first
+then everything at a 10x lower learning rate (`lp-ft`).
+
+One model (backbone + a new Linear) and one training loop (probe.train) serve every strategy; a
+strategy only decides which parameters train. Frozen parts stay in eval mode, so their BatchNorm
+statistics do not move. Images are held in memory as uint8 and augmented in batches on the device.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from probe.backbones import create_backbone, get_spec
+from probe.data import Split, decode_small, iter_batches, load_dataset, read_image, resize_center_crop
+from probe.errors import ProbeError
+from probe.extract import resolve_device
+from probe.fit import FitResult, balanced_rows, class_indices, load_head, save_run
+from probe.train import train_epochs
+
+STRATEGIES = ("linear", "partial", "full", "lp-ft")
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("cosine", "step")
+AUGMENTATIONS = ("rrc", "crop", "none")
+
+
+class Classifier(nn.Module):
+    """Normalization, the backbone (classifier removed) and a new Linear of the right width."""
+
+    def __init__(self, model: str, weights: str, resolution: int, n_classes: int):
+        super().__init__()
+        spec = get_spec(model)
+        self.backbone = create_backbone(model, weights, resolution)
+        self.fc = nn.Linear(spec.feature_dim, n_classes)
+        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1) * 255, persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:  # float images in 0..255
+        x = ((images - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+        return self.fc(self.backbone(x))
+
+
+def set_trainable(model: Classifier, strategy: str, last_stage: tuple[str, ...], unfreeze: tuple[str, ...] = ()) -> None:
+    """Mark which parameters train: the classifier always; `partial` adds the last stage and `unfreeze`."""
+    prefixes = {"linear": (), "lp-ft": (), "partial": tuple(last_stage) + tuple(unfreeze), "full": ("",)}[strategy]
+    for name, p in model.backbone.named_parameters():
+        p.requires_grad_(any(name.startswith(pre) for pre in prefixes))
+    model.fc.requires_grad_(True)
+
+
+def train_mode(model: nn.Module) -> None:
+    """Training mode for what trains; eval mode for every module whose parameters are all frozen."""
+    model.train()
+    for module in model.modules():
+        params = list(module.parameters())
+        if params and not any(p.requires_grad for p in params):
+            module.eval()
+
+
+def augment(images: torch.Tensor, size: int, kind: str, generator: torch.Generator) -> torch.Tensor:
+    """Random crops and flips of a float batch [B, 3, H, W], resampled to size x size in one grid_sample.
+
+    rrc: RandomResizedCrop(scale 0.6-1, ratio 3/4-4/3) + flip. crop: RandomCrop(H, padding 4) + flip
+    before the resize (the CIFAR recipe). none: the evaluation transform.
+    """
+    if kind == "none":
+        return resize_center_crop(images, size)
+    b, _, h, w = images.shape
+    rand = torch.rand(b, 4, generator=generator).to(images.device)
+    flip = torch.where(rand[:, 3] < 0.5, -1.0, 1.0).to(images.device)
+    if kind == "rrc":
+        area = 0.6 + 0.4 * rand[:, 0]
+        ratio = torch.exp(math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * rand[:, 1])
+        sx, sy = (area * ratio).sqrt().clamp(max=1), (area / ratio).sqrt().clamp(max=1)  # fractions of width, height
+        tx, ty = (1 - sx) * (2 * rand[:, 2] - 1), (1 - sy) * (2 * torch.rand(b, generator=generator).to(images.device) - 1)
+    else:  # a crop of the original size, shifted by up to 4 pixels, zero padding
+        sx = sy = torch.ones(b, device=images.device)
+        tx = (torch.round(8 * rand[:, 0]) - 4) * 2 / w
+        ty = (torch.round(8 * rand[:, 1]) - 4) * 2 / h
+    theta = torch.zeros(b, 2, 3, device=images.device)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sx * flip, tx, sy, ty
+    grid = F.affine_grid(theta, (b, 3, size, size), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def _in_memory(split: Split, size: int) -> np.ndarray:
+    """The split as one uint8 array: small images at their own size, large ones resized to `size`."""
+    split = decode_small(split)
+    if split.pixels is not None:
+        return split.pixels
+
+    def load(path):
+        image = torch.from_numpy(read_image(path)).permute(2, 0, 1)[None].float()
+        return resize_center_crop(image, size)[0].round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        return np.stack(list(pool.map(load, split.paths)))
+
+
+@dataclass
+class _Subset:
+    classes: list[str]
+    pixels: np.ndarray
+    labels: np.ndarray
+    test_pixels: np.ndarray
+    test_labels: np.ndarray
+
+
+def _load(dataset, data_dir, size, classes, train_per_class, seed) -> _Subset:
+    """The data set in memory with the same class and subset selection as `probe fit`."""
+    data = load_dataset(dataset, data_dir=data_dir, download=True)
+    if "test" not in data.splits:
+        raise ProbeError(f"data set {dataset} has no test split to evaluate on")
+    keep = class_indices(data.classes, classes)
+    remap = np.full(len(data.classes), -1)
+    remap[keep] = np.arange(len(keep))
+    train, test = data.splits["train"], data.splits["test"]
+    rows = balanced_rows(train.labels, keep, train_per_class, seed, data.classes, dataset)
+    test_rows = np.flatnonzero(np.isin(test.labels, keep))
+    pick = lambda s, r: Split(s.labels[r], None if s.pixels is None else s.pixels[r],  # noqa: E731
+                              None if s.paths is None else [s.paths[i] for i in r])
+    return _Subset([data.classes[c] for c in keep], _in_memory(pick(train, rows), size), remap[train.labels[rows]],
+                   _in_memory(pick(test, test_rows), size), remap[test.labels[test_rows]])
+
+
+def finetune(*, strategy: str = "partial", model: str = "resnet18", dataset: str = "cifar10",
+             weights: str = "default", resolution: int | None = None, data_dir: str = "data",
+             classes: list[str] | None = None, train_per_class: int | None = None, seed: int = 0,
+             epochs: int = 10, lp_epochs: int | None = None, batch_size: int = 64, optimizer: str = "adamw",
+             lr: float = 1e-4, head_lr: float = 1e-3, weight_decay: float = 1e-4, schedule: str = "cosine",
+             augmentation: str = "rrc", unfreeze: tuple[str, ...] = (), init_head: str | None = None,
+             device: str = "auto", out: str | None = None, runs_dir: str = "runs", resume: bool = False,
+             progress: bool = True) -> FitResult:
+    """Fine-tune `model` on `dataset` with `strategy`; metrics, history and checkpoints go to `out`.
+
+    lp-ft: `lp_epochs` (default half of `epochs`) train the classifier alone (starting from the
+    logreg or linear head `init_head` of `probe fit` if given), then every layer trains at head_lr / 10.
+    A checkpoint is written after each epoch; resume=True continues from it.
+    """
+    for value, allowed, what in ((strategy, STRATEGIES, "strategy"), (optimizer, OPTIMIZERS, "optimizer"),
+                                 (schedule, SCHEDULES, "schedule"), (augmentation, AUGMENTATIONS, "augmentation")):
+        if value not in allowed:
+            raise ProbeError(f"unknown {what} {value!r}: choose one of {', '.join(allowed)}")
+    if epochs < 1 or batch_size < 1:
+        raise ProbeError(f"epochs and batch size must be positive, not {epochs} and {batch_size}")
+    spec = get_spec(model)
+    size = resolution or spec.resolution
+    dev = resolve_device(device)
+    lp_epochs = (epochs // 2 if lp_epochs is None else lp_epochs) if strategy == "lp-ft" else 0
+    if not 0 <= lp_epochs <= epochs:
+        raise ProbeError(f"--lp-epochs must be between 0 and --epochs ({epochs}), not {lp_epochs}")
+    t_start = time.perf_counter()
+    data = _load(dataset, data_dir, size, classes, train_per_class, seed)
+    out_dir = Path(out) if out else Path(runs_dir) / f"finetune__{dataset.replace('/', '-').replace(':', '-')}__{model}__{strategy}"
+    config = {"strategy": strategy, "model": model, "dataset": dataset, "weights": weights, "resolution": size,
+              "classes": data.classes, "train_per_class": train_per_class, "seed": seed, "epochs": epochs,
+              "lp_epochs": lp_epochs, "batch_size": batch_size, "optimizer": optimizer, "lr": lr, "head_lr": head_lr,
+              "weight_decay": weight_decay, "schedule": schedule, "augmentation": augmentation,
+              "unfreeze": list(unfreeze), "init_head": init_head}
+
+    torch.manual_seed(seed)
+    net = Classifier(model, weights, size, len(data.classes))
+    if init_head:
+        _init_from_head(net.fc, init_head, data.classes)
+    net = net.to(dev).to(memory_format=torch.channels_last)
+    amp = dev.type == "cuda"
+    X, y = torch.from_numpy(data.pixels), torch.from_numpy(data.labels).to(dev)
+
+    def batches(epoch):
+        g = torch.Generator().manual_seed(seed * 1000 + epoch)  # a pure function of the epoch: resumable
+        order = torch.randperm(len(y), generator=g)
+        for i in range(0, len(order), batch_size):
+            idx = order[i:i + batch_size]
+            images = X[idx].to(dev, non_blocking=True).permute(0, 3, 1, 2).float()
+            yield augment(images, size, augmentation, g), y[idx.to(dev)]
+
+    test_split = Split(labels=data.test_labels, pixels=data.test_pixels)
+
+    def evaluate():
+        correct = 0
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=amp):
+            for i, images in enumerate(iter_batches(test_split, size, 256, dev)):
+                labels = torch.from_numpy(data.test_labels[i * 256:(i + 1) * 256]).to(dev)
+                correct += (net(images).argmax(1) == labels).sum().item()
+        return correct / len(data.test_labels)
+
+    checkpoint = out_dir / "checkpoint.pt"
+    state = _load_checkpoint(checkpoint, config) if resume else None
+    history = state["history"] if state else []
+    stages = [("lp", "linear", lp_epochs), ("ft", "full", epochs)] if strategy == "lp-ft" else [("", strategy, epochs)]
+    for stage, stage_strategy, stage_end in stages:
+        stage_start = 0 if stage != "ft" else lp_epochs
+        if len(history) >= stage_end:
+            continue  # finished before a resume
+        set_trainable(net, stage_strategy, spec.last_stage, unfreeze)
+        opt, sched = _optimizer(net, optimizer, schedule, lr, head_lr, weight_decay, stage_end - stage_start, stage)
+        if state and state["stage"] == stage:
+            net.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+        elif state:  # resumed into a later stage than the checkpoint's: take the weights only
+            net.load_state_dict(state["model"])
+
+        def on_epoch_end(epoch, row, stage=stage, opt=opt, sched=sched):
+            row["stage"] = stage or strategy
+            row["epoch"] = len(history) + 1  # numbered across both stages of lp-ft
+            history.append(row)
+            _save_checkpoint(checkpoint, {"config": config, "stage": stage, "history": history,
+                                          "model": net.state_dict(), "optimizer": opt.state_dict(),
+                                          "scheduler": sched.state_dict()})
+
+        train_epochs(net, lambda e, s=stage_start: batches(e + s), optimizer=opt, scheduler=sched, epochs=stage_end - stage_start,
+                     start_epoch=len(history) - stage_start, train_mode=lambda: train_mode(net), evaluate=evaluate,
+                     on_epoch_end=on_epoch_end, amp=amp, progress=progress, desc=f"finetune {stage or strategy}")
+        state = None
+
+    set_trainable(net, "full" if strategy == "lp-ft" else strategy, spec.last_stage, unfreeze)
+    trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    wall = time.perf_counter() - t_start
+    metrics = {
+        "kind": "finetune", "method": f"finetune-{strategy}", "model": model, "weights": weights, "resolution": size,
+        "dataset": dataset, "classes": data.classes, "n_train": int(len(data.labels)), "n_test": int(len(data.test_labels)),
+        "test_accuracy": history[-1]["test_accuracy"], "trainable_parameters": trainable,
+        "total_parameters": sum(p.numel() for p in net.parameters()), "hyperparameters": config,
+        "train_per_class": train_per_class, "seed": seed, "history": history, "lp_epochs": lp_epochs,
+        "wall_seconds": wall, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    save_run(out_dir, None, metrics)
+    return FitResult(out_dir, metrics)
+
+
+def _optimizer(net, optimizer, schedule, lr, head_lr, weight_decay, epochs, stage):
+    backbone = [p for p in net.backbone.parameters() if p.requires_grad]
+    head_rate = head_lr / 10 if stage == "ft" else head_lr  # lp-ft's second stage: all at 10x lower
+    groups = [{"params": list(net.fc.parameters()), "lr": head_rate}]
+    if backbone:
+        groups.append({"params": backbone, "lr": head_lr / 10 if stage == "ft" else lr})
+    if optimizer == "adamw":
+        opt = torch.optim.AdamW(groups, weight_decay=weight_decay)
+    else:
+        opt = torch.optim.SGD(groups, momentum=0.9, weight_decay=weight_decay)
+    if schedule == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1))
+    else:
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.1)
+    return opt, sched
+
+
+def _init_from_head(fc: nn.Linear, path: str, classes: list[str]) -> None:
+    """Start the classifier from a logreg or linear head of `probe fit`, folding its scaler into the layer."""
+    artifact = load_head(path)
+    if artifact["classes"] != classes:
+        raise ProbeError(f"head {path} was fitted on classes {artifact['classes']}, not {classes}")
+    pipeline = artifact["pipeline"]
+    if not hasattr(pipeline, "steps") or not (hasattr(pipeline[-1], "coef_") or hasattr(pipeline[-1], "module_")):
+        raise ProbeError(f"head {path} is not a logreg or linear head; lp-ft can start only from those")
+    scaler, head = pipeline[0], pipeline[-1]
+    if hasattr(head, "coef_"):
+        W, b = torch.from_numpy(head.coef_), torch.from_numpy(head.intercept_)
+    elif isinstance(head.module_, nn.Linear):
+        W, b = head.module_.weight.detach(), head.module_.bias.detach()
+    else:
+        raise ProbeError(f"head {path} is an MLP; lp-ft can start only from a logreg or linear head")
+    if W.shape != fc.weight.shape:
+        raise ProbeError(f"head {path} has {W.shape[1]}-wide input, the backbone gives {fc.weight.shape[1]}")
+    mean, scale = torch.from_numpy(scaler.mean_).float(), torch.from_numpy(scaler.scale_).float()
+    with torch.no_grad():  # W (x - mean) / scale + b  ==  (W / scale) x + (b - W mean / scale)
+        fc.weight.copy_(W / scale)
+        fc.bias.copy_(b - (W / scale) @ mean)
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(path: Path, config: dict) -> dict | None:
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a cut-short file raises various errors
+        raise ProbeError(f"checkpoint {path} is damaged ({type(e).__name__}); delete it to start over") from None
+    if state.get("config") != config:
+        raise ProbeError(f"checkpoint {path} is of another configuration; use another --out or delete it")
+    return state

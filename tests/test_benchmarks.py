@@ -1,0 +1,59 @@
+"""Smoke runs of each benchmark script on a handful of images, and README's numbers against the results."""
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import extract_throughput  # noqa: E402
+import heads  # noqa: E402
+import report  # noqa: E402
+import speedup  # noqa: E402
+import strategies  # noqa: E402
+
+from probe.data import SAMPLE_DIR  # noqa: E402
+
+TINY = ["--model", "resnet18", "--weights", "none", "--resolution", "32"]
+
+
+def test_speedup_smoke(tmp_path):
+    out = tmp_path / "speedup.json"
+    speedup.main(["--data", str(SAMPLE_DIR), *TINY, "--train-per-class", "3", "--test-per-class", "2",
+                  "--epochs", "2", "--out", str(out)])
+    r = json.loads(out.read_text())
+    assert r["settings"]["n_train"] == 30 and r["settings"]["n_test"] == 20
+    assert len(r["baseline"]["history"]) == 2 and r["probe"]["extract_seconds"] > 0
+    assert r["speedup"]["later_experiment_logreg"] > 0 and r["machine"]["cores"] >= 1
+    assert set(r["targets_met"]) == {"first_experiment_at_least_10x", "later_experiment_at_least_500x",
+                                     "logreg_within_0.5_points_or_better"}
+
+
+def test_heads_smoke(tmp_path, sample_cache):
+    out = tmp_path / "heads.json"
+    heads.main(["--features", str(sample_cache), "--pca", "64", "--device", "cpu", "--out", str(out)])
+    r = json.loads(out.read_text())
+    assert [row["head"] for row in r["rows"]] == ["logreg", "linear", "mlp", "knn"]
+    assert r["features"]["dim"] == 64 and len(r["fixed_C_grid"]) == 11
+    assert "logreg_sweep_within_0.3_points_of_best_fixed_C" in r["targets_met"]
+
+
+def test_extract_throughput_smoke(tmp_path):
+    out = tmp_path / "et.json"
+    extract_throughput.main(["--models", "resnet18", "--per-class", "1", "--resolution", "32", "--out", str(out)])
+    [row] = json.loads(out.read_text())["rows"]
+    assert row["images"] == 20 and 0 <= row["share_outside_forward"] < 1
+
+
+def test_strategies_smoke(tmp_path):
+    strategies.main(["--data", str(SAMPLE_DIR), *TINY, "--train-per-class", "2", "--test-per-class", "1",
+                     "--epochs", "2", "--out", str(tmp_path)])
+    r = json.loads((tmp_path / "strategies.json").read_text())
+    assert [row["method"] for row in r["rows"]] == ["logreg", "finetune-linear", "finetune-partial",
+                                                   "finetune-full", "finetune-lp-ft"]
+    assert (tmp_path / "strategies_accuracy.png").stat().st_size > 0
+
+
+def test_readme_numbers_are_the_result_files():
+    assert report.main(["--check"]) == 0, "run: python benchmarks/report.py"

@@ -1,0 +1,137 @@
+"""probe finetune and probe compare on a tiny real data set (sample images, ResNet-18 at 32 px)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import assert_one_line_error, copy_sample
+from probe.errors import ProbeError
+from probe.finetune import Classifier, augment, finetune, set_trainable, train_mode
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    return copy_sample(tmp_path / "tiny", per_class=4, test_per_class=2, classes=["cat", "dog", "ship"])
+
+
+def _run(tiny, tmp_path, strategy, **kw):
+    options = dict(model="resnet18", weights="none", resolution=32, dataset=f"folder:{tiny}", epochs=1,
+                   batch_size=4, device="cpu", progress=False, out=str(tmp_path / strategy))
+    return finetune(strategy=strategy, **{**options, **kw})
+
+
+@pytest.mark.parametrize("strategy", ["linear", "partial", "full", "lp-ft"])
+def test_one_epoch_of_each_strategy(tiny, tmp_path, strategy):
+    m = _run(tiny, tmp_path, strategy, epochs=2 if strategy == "lp-ft" else 1).metrics
+    assert m["method"] == f"finetune-{strategy}" and m["n_train"] == 12 and m["n_test"] == 6
+    assert 0 <= m["test_accuracy"] <= 1
+    row = m["history"][-1]
+    assert {"train_loss", "train_accuracy", "test_accuracy", "seconds", "images_per_second"} <= set(row)
+    if strategy == "lp-ft":
+        assert [h["stage"] for h in m["history"]] == ["lp", "ft"] and [h["epoch"] for h in m["history"]] == [1, 2]
+    assert json.loads((tmp_path / strategy / "metrics.json").read_text())["method"] == m["method"]
+
+
+def test_trainable_parameter_counts_per_strategy():
+    net = Classifier("resnet18", "none", 32, 10)
+    counts = {}
+    for strategy in ("linear", "partial", "full"):
+        set_trainable(net, strategy, ("layer4",))
+        counts[strategy] = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    assert counts["linear"] == 5130  # 512 x 10 + 10, the tutorials' 0.05%
+    layer4 = sum(p.numel() for p in net.backbone.layer4.parameters())
+    assert counts["partial"] == 5130 + layer4
+    assert counts["full"] == 11_181_642  # the tutorials' ResNet-18 with a 10-class fc
+
+
+def test_frozen_parameters_and_batchnorm_buffers_do_not_move(tiny, tmp_path):
+    before = Classifier("resnet18", "none", 32, 3).backbone.state_dict()
+    out = tmp_path / "partial"
+    _run(tiny, tmp_path, "partial", epochs=2)
+    after = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+    for name, tensor in before.items():
+        moved = not torch.equal(tensor, after[f"backbone.{name}"])
+        assert moved == name.startswith("layer4"), name  # running means/vars included
+
+
+def test_train_mode_keeps_frozen_batchnorm_in_eval():
+    net = Classifier("resnet18", "none", 32, 3)
+    set_trainable(net, "partial", ("layer4",))
+    train_mode(net)
+    assert not net.backbone.bn1.training and not net.backbone.layer3[0].bn1.training
+    assert net.backbone.layer4[0].bn1.training and net.fc.training
+
+
+def test_resume_of_a_finished_run_trains_no_more_and_another_config_is_refused(tiny, tmp_path):
+    # A real kill-and-resume is in test_reliability.py; this checks the bookkeeping around it.
+    done = _run(tiny, tmp_path, "full", epochs=2).metrics
+    again = _run(tiny, tmp_path, "full", epochs=2, resume=True).metrics
+    assert again["history"] == done["history"]
+    with pytest.raises(ProbeError, match="another configuration"):
+        _run(tiny, tmp_path, "full", epochs=3, resume=True)
+
+
+def test_a_damaged_checkpoint_is_refused(tiny, tmp_path, run_cli):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"\x80\x02 cut short")
+    result = run_cli("finetune", "--model", "resnet18", "--weights", "none", "--resolution", "32", "--dataset",
+                     f"folder:{tiny}", "--epochs", "1", "--out", out, "--resume")
+    assert_one_line_error(result, "checkpoint.pt", "damaged")
+
+
+def test_augment_is_random_per_image_and_keeps_the_size():
+    g = torch.Generator().manual_seed(0)
+    images = torch.arange(2 * 3 * 32 * 32, dtype=torch.float32).reshape(2, 3, 32, 32).repeat(4, 1, 1, 1)
+    for kind in ("rrc", "crop"):
+        out = augment(images, 48, kind, g)
+        assert out.shape == (8, 3, 48, 48)
+        assert not torch.equal(out[0], out[2])  # the same image, two different crops
+    assert torch.equal(augment(images, 32, "none", g), images)
+
+
+@pytest.mark.parametrize("head", ["logreg", "linear"])
+def test_lp_ft_starts_from_a_fitted_head_with_its_scaler_folded_in(sample_cache, tmp_path, head):
+    from probe.cache import open_cache
+    from probe.finetune import _init_from_head
+    from probe.fit import fit
+
+    fitted = fit(features=str(sample_cache), head=head, out=str(tmp_path / "h")).metrics
+    cache = open_cache(sample_cache)
+    net = Classifier("efficientnet_lite0", "none", 32, 10)
+    _init_from_head(net.fc, str(tmp_path / "h"), fitted["classes"])
+    features, _ = cache.load("test")
+    import joblib
+    expected = joblib.load(tmp_path / "h" / "head.joblib")["pipeline"].predict_proba(features)
+    with torch.no_grad():
+        got = torch.softmax(net.fc(torch.from_numpy(features)), 1).numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    with pytest.raises(ProbeError, match="fitted on classes"):
+        _init_from_head(net.fc, str(tmp_path / "h"), fitted["classes"][::-1])
+
+
+def test_compare_merges_a_fit_and_a_finetune_and_draws_both_plots(tiny, tmp_path, run_cli, sample_cache):
+    from probe.fit import fit
+
+    fit(features=str(sample_cache), head="knn", out=str(tmp_path / "knn"))
+    _run(tiny, tmp_path, "lp-ft", epochs=2)
+    result = run_cli("compare", tmp_path / "knn", tmp_path / "lp-ft", "--out", tmp_path / "table",
+                     "--plot", tmp_path / "plots")
+    assert result.exit_code == 0, result.output
+    assert "| knn | efficientnet_lite0 |" in result.output and "| finetune-lp-ft | resnet18 |" in result.output
+    assert (tmp_path / "table" / "compare.csv").read_text().count("\n") == 3
+    for png in ("accuracy.png", "curves.png"):
+        with Image.open(tmp_path / "plots" / png) as im:
+            assert im.size[0] > 300
+    assert_one_line_error(run_cli("compare", tmp_path / "nothing"), "cannot read run metrics")
+
+
+def test_finetune_input_errors(run_cli, tiny):
+    base = ["finetune", "--model", "resnet18", "--weights", "none", "--dataset", f"folder:{tiny}"]
+    assert_one_line_error(run_cli(*base, "--strategy", "everything"), "unknown strategy", "lp-ft")
+    assert_one_line_error(run_cli(*base, "--optimizer", "lion"), "unknown optimizer")
+    assert_one_line_error(run_cli(*base, "--epochs", "0"), "must be positive")
+    assert_one_line_error(run_cli(*base, "--train-per-class", "9"), "only 4")
