@@ -70,6 +70,7 @@ def draw(runs: list[dict], folder: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     folder.mkdir(parents=True, exist_ok=True)
     labels = [f"{r['method']}\n{r['model']}" for r in runs]
@@ -98,6 +99,7 @@ def draw(runs: list[dict], folder: Path) -> list[Path]:
         if not r.get("history"):  # a cached probe has no epochs: a horizontal reference line
             ax.axhline(100 * r["test_accuracy"], color="gray", linestyle=":", linewidth=1)
             ax.annotate(r["method"], (1, 100 * r["test_accuracy"]), fontsize=7, color="gray", va="bottom")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("learning curves (dashed: lp-ft's switch to full fine-tuning)")

@@ -41,6 +41,10 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def subset(self, rows: np.ndarray) -> "Split":
+        return Split(self.labels[rows], None if self.pixels is None else self.pixels[rows],
+                     None if self.paths is None else [self.paths[i] for i in rows])
+
 
 @dataclass
 class ImageDataset:
@@ -207,7 +211,7 @@ def iter_batches(split: Split, size: int, batch_size: int, device: torch.device,
     workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
     loader = torch.utils.data.DataLoader(
         _DecodeResize(split.paths[start:], size), batch_size=batch_size, num_workers=workers,
-        pin_memory=device.type == "cuda", persistent_workers=False,
+        pin_memory=device.type == "cuda",
     )
     for batch in loader:
         yield batch.to(device, non_blocking=True)

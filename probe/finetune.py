@@ -128,10 +128,8 @@ def _load(dataset, data_dir, size, classes, train_per_class, seed) -> _Subset:
     train, test = data.splits["train"], data.splits["test"]
     rows = balanced_rows(train.labels, keep, train_per_class, seed, data.classes, dataset)
     test_rows = np.flatnonzero(np.isin(test.labels, keep))
-    pick = lambda s, r: Split(s.labels[r], None if s.pixels is None else s.pixels[r],  # noqa: E731
-                              None if s.paths is None else [s.paths[i] for i in r])
-    return _Subset([data.classes[c] for c in keep], _in_memory(pick(train, rows), size), remap[train.labels[rows]],
-                   _in_memory(pick(test, test_rows), size), remap[test.labels[test_rows]])
+    return _Subset([data.classes[c] for c in keep], _in_memory(train.subset(rows), size), remap[train.labels[rows]],
+                   _in_memory(test.subset(test_rows), size), remap[test.labels[test_rows]])
 
 
 def finetune(*, strategy: str = "partial", model: str = "resnet18", dataset: str = "cifar10",

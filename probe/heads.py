@@ -65,9 +65,10 @@ class LogisticProbe(_TorchClassifier):
     """
 
     def __init__(self, C: float | None = None, Cs=DEFAULT_CS, val_fraction: float = 0.2, patience: int = 2,
-                 max_iter: int = 500, tol: float = 1e-3, random_state: int = 0, device: str = "auto"):
+                 max_iter: int = 500, tol: float = 1e-4, sweep_tol: float = 1e-3, random_state: int = 0,
+                 device: str = "auto"):
         self.C, self.Cs, self.val_fraction, self.patience, self.max_iter = C, Cs, val_fraction, patience, max_iter
-        self.tol, self.random_state, self.device = tol, random_state, device
+        self.tol, self.sweep_tol, self.random_state, self.device = tol, sweep_tol, random_state, device
 
     def fit(self, X, y):
         X, y = self._encode(X, y)
@@ -84,7 +85,8 @@ class LogisticProbe(_TorchClassifier):
             Xv, yv = torch.from_numpy(X[va]).to(dev), torch.from_numpy(y[va]).to(dev)
             W, b, self.sweep_, best, since_best = None, None, [], (-1.0, None, None, None), 0
             for C in sorted(self.Cs):  # strong to weak regularization: each solution warm-starts the next
-                W, b = _lbfgs(Xt, yt, k, C, W, b, self.max_iter, self.tol)
+                # Ranking the Cs needs less precision than the final refit: sweep_tol, not tol.
+                W, b = _lbfgs(Xt, yt, k, C, W, b, self.max_iter, self.sweep_tol)
                 accuracy = ((Xv @ W.T + b).argmax(1) == yv).float().mean().item()
                 self.sweep_.append((float(C), accuracy))
                 since_best = since_best + 1 if accuracy <= best[0] else 0
@@ -105,8 +107,9 @@ class LogisticProbe(_TorchClassifier):
 def _lbfgs(X, y, k, C, W0, b0, max_iter, tol):
     """Minimize mean cross-entropy + ||W||^2 / (2 C n), the scikit-learn objective divided by C n.
 
-    tol bounds the largest gradient entry of that mean objective; 1e-3 gave the same test accuracy
-    as 1e-4 on the benchmark features at two thirds of the time.
+    tol bounds the largest gradient entry of that mean objective. 1e-3 ranks the Cs of a sweep as
+    well as 1e-4 in a third less time, but a refit warm-started from the sweep's solution can stop
+    short at 1e-3 (0.3 points of test accuracy on the benchmark features), so the refit uses 1e-4.
     """
     n, d = X.shape
     W = (W0.clone() if W0 is not None else torch.zeros(k, d, device=X.device)).requires_grad_(True)

@@ -171,3 +171,14 @@ def test_folder_problems_are_named(tmp_path, run_cli):
     result = run_cli("extract", "--weights", "none", "--model", "resnet18", "--dataset", f"folder:{data}")
     assert_one_line_error(result, "cannot read image", "broken.jpg")
     assert not list((tmp_path / "cache").glob("*.h5"))
+
+
+def test_weights_file_of_another_architecture_is_one_line_and_writes_nothing(run_cli, tmp_path):
+    import torch
+    import torchvision
+
+    weights = tmp_path / "r18.pt"
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    result = run_cli("extract", "--dataset", "sample", "--model", "resnet50", "--weights", weights)
+    assert_one_line_error(result, "r18.pt", "does not fit resnet50", "keys")
+    assert not list((tmp_path / "cache").glob("*.h5")) and not list((tmp_path / "cache").glob("*.parts"))
