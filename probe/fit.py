@@ -66,10 +66,14 @@ def select(cache: FeatureCache, *, classes: list[str] | None = None, train_per_c
     remap = np.full(len(cache.classes), -1)
     remap[keep] = np.arange(len(keep))
     rows = balanced_rows(y, keep, train_per_class, seed, cache.classes, cache.path.name)
-    X, y = X[rows], remap[y[rows]]
+    if len(rows) < len(y):  # index only for a subset: X[rows] copies the whole feature matrix
+        X, y = X[rows], y[rows]
+    y = remap[y]
     if Xt is not None:
         test_rows = np.flatnonzero(np.isin(yt, keep))
-        Xt, yt = Xt[test_rows], remap[yt[test_rows]]
+        if len(test_rows) < len(yt):
+            Xt, yt = Xt[test_rows], yt[test_rows]
+        yt = remap[yt]
     return [cache.classes[c] for c in keep], X, y, Xt, yt
 
 
