@@ -31,6 +31,7 @@ import h5py
 import numpy as np
 
 from probe.errors import ProbeError
+from probe.files import atomic_write, publish
 
 FORMAT = 1
 SPLITS = ("train", "test")
@@ -69,7 +70,7 @@ class PartialCache:
             return
         shutil.rmtree(self.dir, ignore_errors=True)
         self.dir.mkdir(parents=True)
-        _atomic_write_bytes(self.dir / "key.json", json.dumps(self.key, sort_keys=True).encode())
+        atomic_write(self.dir / "key.json", lambda f: f.write(json.dumps(self.key, sort_keys=True).encode()))
 
     def _key_matches(self) -> bool:
         try:
@@ -97,13 +98,7 @@ class PartialCache:
         return shards[-1][1] if shards else 0
 
     def write(self, split: str, start: int, features: np.ndarray) -> None:
-        path = self.dir / f"{split}-{start:09d}-{start + len(features):09d}.npy"
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, features)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write(self.dir / f"{split}-{start:09d}-{start + len(features):09d}.npy", lambda f: np.save(f, features))
 
     def read(self, split: str) -> np.ndarray:
         arrays = []
@@ -137,17 +132,9 @@ class PartialCache:
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             })
             f.attrs["complete"] = True  # last, after everything else is in the file
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, self.final)
+        publish(tmp, self.final)
         shutil.rmtree(self.dir, ignore_errors=True)
         return self.final
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 @dataclass

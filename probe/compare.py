@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 from probe.errors import ProbeError
+from probe.files import atomic_write
 
 COLUMNS = ("method", "model", "resolution", "trainable_parameters", "n_train", "test_accuracy", "wall_seconds")
 
@@ -56,9 +57,9 @@ def compare(paths: list[str | os.PathLike], *, out: str | os.PathLike = "runs/co
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
     writer.writeheader()
     writer.writerows(rows)
-    (out / "compare.csv").write_text(buffer.getvalue())
+    atomic_write(out / "compare.csv", lambda f: f.write(buffer.getvalue().encode()))
     text = markdown(rows)
-    (out / "compare.md").write_text(text)
+    atomic_write(out / "compare.md", lambda f: f.write(text.encode()))
     if plot is not None:
         draw(runs, Path(plot))
     return rows, text

@@ -26,6 +26,7 @@ from probe.backbones import create_backbone, get_spec
 from probe.data import Split, decode_small, iter_batches, load_dataset, read_image, resize_center_crop
 from probe.errors import ProbeError
 from probe.extract import resolve_device
+from probe.files import atomic_write
 from probe.fit import FitResult, balanced_rows, class_indices, load_head, save_run
 from probe.train import train_epochs
 
@@ -280,9 +281,7 @@ def _init_from_head(fc: nn.Linear, path: str, classes: list[str]) -> None:
 
 def _save_checkpoint(path: Path, state: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def _load_checkpoint(path: Path, config: dict) -> dict | None:

@@ -20,6 +20,7 @@ from sklearn.preprocessing import StandardScaler
 from probe.cache import FeatureCache, open_cache
 from probe.errors import ProbeError
 from probe.extract import resolve_cache
+from probe.files import atomic_write
 from probe.heads import make_head
 
 HEAD_FORMAT = 1
@@ -183,20 +184,8 @@ def save_run(out_dir: Path, artifact: dict | None, metrics: dict) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(str(out_dir / ".lock")):
         if artifact is not None:
-            _atomic(out_dir / "head.joblib", lambda f: joblib.dump(artifact, f))
-        _atomic(out_dir / "metrics.json", lambda f: f.write(json.dumps(metrics, indent=2).encode()))
-
-
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+            atomic_write(out_dir / "head.joblib", lambda f: joblib.dump(artifact, f))
+        atomic_write(out_dir / "metrics.json", lambda f: f.write(json.dumps(metrics, indent=2).encode()))
 
 
 def load_head(path: str | os.PathLike) -> dict:

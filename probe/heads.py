@@ -71,6 +71,8 @@ class LogisticProbe(_TorchClassifier):
         self.tol, self.sweep_tol, self.random_state, self.device = tol, sweep_tol, random_state, device
 
     def fit(self, X, y):
+        if self.C is not None and not self.C > 0:
+            raise ProbeError(f"C must be positive, not {self.C}")
         X, y = self._encode(X, y)
         dev = _device(self.device)
         k = len(self.classes_)

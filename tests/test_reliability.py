@@ -93,3 +93,36 @@ def test_cache_ls_verify_rm(run_cli, tmp_path, sample_cache):
     assert good.exists()  # nothing else touched
     assert_one_line_error(run_cli("cache", "rm", bad), "no cache file")
     assert_one_line_error(run_cli("cache", "rm", tmp_path / "notes.txt"), "not a cache file")
+
+
+def test_a_write_that_fails_midway_leaves_the_old_file(tmp_path):
+    from probe.files import atomic_write
+
+    target = tmp_path / "metrics.json"
+    target.write_text("old")
+
+    def fails(f):
+        f.write(b"half of the new")
+        raise OSError("disk full")
+
+    try:
+        atomic_write(target, fails)
+    except OSError:
+        pass
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]  # the temporary file is gone too
+
+
+def test_a_write_killed_midway_leaves_the_old_file(tmp_path):
+    target = tmp_path / "head.joblib"
+    target.write_text("old")
+    code = ("import sys, time; from probe.files import atomic_write; "
+            "atomic_write(sys.argv[1], lambda f: (f.write(b'x' * 2**20), f.flush(), time.sleep(60)))")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(target)])
+    deadline = time.time() + 60
+    while not any(p.name.endswith(".tmp") and p.stat().st_size for p in tmp_path.iterdir()):
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert target.read_text() == "old"

@@ -1,0 +1,69 @@
+"""Every command and flag README documents, through the real CLI (errors are in the other files)."""
+
+import json
+
+from conftest import assert_one_line_error, copy_sample
+from probe.backbones import REGISTRY
+
+
+def test_models_lists_every_backbone(run_cli):
+    result = run_cli("models")
+    assert result.exit_code == 0
+    for name, spec in REGISTRY.items():
+        assert any(line.startswith(name) and f" {spec.feature_dim} " in line for line in result.output.splitlines())
+
+
+def test_demo_options(run_cli, tmp_path):
+    result = run_cli("demo", "--resolution", "32", "--cache-dir", tmp_path / "c", "--runs-dir", tmp_path / "r",
+                     "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "test accuracy" in result.output and "predict  test/cat/0000.jpg" in result.output
+    assert list((tmp_path / "c").glob("*.h5")) and list((tmp_path / "r").glob("*/head.joblib"))
+
+
+def test_extract_workers_and_fit_options(run_cli, tmp_path, mixed_folder):
+    assert run_cli("extract", "--dataset", f"folder:{mixed_folder}", "--model", "resnet18", "--weights", "none",
+                   "--resolution", "32", "--workers", "0", "--batch-size", "3").exit_code == 0
+    data = copy_sample(tmp_path / "d", per_class=20, test_per_class=5)
+    cache = ["--dataset", f"folder:{data}", "--model", "resnet18", "--weights", "none", "--resolution", "32"]
+    assert run_cli("extract", *cache).exit_code == 0
+
+    m = json.loads(run_cli("fit", *cache, "--C", "0.1", "--seed", "3", "--classes", "cat,dog", "--train-per-class",
+                           "10", "--json", "--out", tmp_path / "a").stdout)
+    assert m["hyperparameters"]["C_chosen"] == 0.1 and m["hyperparameters"]["C_from"] == "--C"
+    assert m["n_train"] == 20 and m["classes"] == ["cat", "dog"] and m["seed"] == 3
+    m = json.loads(run_cli("fit", *cache, "--head", "linear", "--epochs", "2", "--json", "--out", tmp_path / "b").stdout)
+    assert m["hyperparameters"]["epochs"] == 2
+    m = json.loads(run_cli("fit", *cache, "--head", "knn", "--k", "5", "--json", "--out", tmp_path / "c").stdout)
+    assert m["hyperparameters"]["k"] == 5
+    assert_one_line_error(run_cli("fit", *cache, "--C", "-1", "--out", tmp_path / "bad"), "C must be positive")
+    assert not (tmp_path / "bad").exists()
+    image = next((data / "test").rglob("*.jpg"))
+    assert_one_line_error(run_cli("predict", "--head", tmp_path / "a", image, "--top-k", "0"), "--top-k")
+
+
+def test_finetune_options(run_cli, tmp_path):
+    data = copy_sample(tmp_path / "d", per_class=3, test_per_class=1, classes=["cat", "dog"])
+    base = ["--dataset", f"folder:{data}", "--model", "resnet18", "--weights", "none", "--resolution", "32",
+            "--device", "cpu", "--json"]
+    result = run_cli("finetune", *base, "--strategy", "partial", "--unfreeze", "layer3", "--optimizer", "sgd",
+                     "--schedule", "step", "--augmentation", "crop", "--lr", "0.001", "--head-lr", "0.01",
+                     "--weight-decay", "0", "--batch-size", "2", "--seed", "1", "--epochs", "1",
+                     "--out", tmp_path / "p")
+    assert result.exit_code == 0, result.output
+    m = json.loads(result.stdout)
+    hp = m["hyperparameters"]
+    assert (hp["optimizer"], hp["schedule"], hp["augmentation"], hp["unfreeze"]) == ("sgd", "step", "crop", ["layer3"])
+    assert (hp["lr"], hp["head_lr"], hp["weight_decay"], hp["batch_size"], hp["seed"]) == (0.001, 0.01, 0, 2, 1)
+    import torchvision
+    r18 = torchvision.models.resnet18()
+    expected = sum(p.numel() for p in [*r18.layer3.parameters(), *r18.layer4.parameters()]) + 512 * 2 + 2
+    assert m["trainable_parameters"] == expected
+
+    assert run_cli("extract", *base[:-3]).exit_code == 0
+    assert run_cli("fit", *base[:-3], "--head", "linear", "--out", tmp_path / "h").exit_code == 0
+    result = run_cli("finetune", *base, "--strategy", "lp-ft", "--epochs", "3", "--lp-epochs", "1",
+                     "--init-head", tmp_path / "h", "--out", tmp_path / "l")
+    assert result.exit_code == 0, result.output
+    m = json.loads(result.stdout)
+    assert [h["stage"] for h in m["history"]] == ["lp", "ft", "ft"] and m["hyperparameters"]["init_head"]
