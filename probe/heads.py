@@ -21,14 +21,10 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import nn
 
 from probe.errors import ProbeError
+from probe.extract import resolve_device
 from probe.train import train_epochs
 
 DEFAULT_CS = tuple(float(c) for c in np.logspace(-4, 1, 11))  # 1e-4 .. 10, half a decade apart
-
-
-def _device(device: str) -> torch.device:
-    return torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                        ("cpu" if device == "auto" else device))
 
 
 class _TorchClassifier(ClassifierMixin, BaseEstimator):
@@ -74,7 +70,7 @@ class LogisticProbe(_TorchClassifier):
         if self.C is not None and not self.C > 0:
             raise ProbeError(f"C must be positive, not {self.C}")
         X, y = self._encode(X, y)
-        dev = _device(self.device)
+        dev = resolve_device(self.device)
         k = len(self.classes_)
         too_few = np.bincount(y).min() < 2 or int(len(y) * self.val_fraction) < k
         if self.C is not None or too_few:  # too few samples to hold out a stratified validation split
@@ -138,7 +134,7 @@ class _TrainedHead(_TorchClassifier):
 
     def fit(self, X, y):
         X, y = self._encode(X, y)
-        dev = _device(self.device)
+        dev = resolve_device(self.device)
         gen = torch.Generator().manual_seed(self.random_state)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.random_state)
@@ -205,7 +201,7 @@ class CosineKNN(_TorchClassifier):
     def predict_proba(self, X) -> np.ndarray:
         check_is_fitted(self)
         X = validate_data(self, X, dtype=np.float32, reset=False)
-        dev = _device(self.device)
+        dev = resolve_device(self.device)
         train, labels = self.train_.to(dev), self.labels_.to(dev)
         k, n_classes = min(self.k, len(labels)), len(self.classes_)
         out = []
