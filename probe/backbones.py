@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -187,14 +188,20 @@ def create_backbone(name: str, weights: str = "default", resolution: int | None 
         _load(model, spec._default_state_dict(resolution), f"the {name} default weights", name)
     elif weights != "none":
         weights_identity(weights)  # checks the file exists
+        expected = "expected a file written by torch.save(model.state_dict(), PATH)"
         try:
-            state_dict = torch.load(weights, map_location="cpu", weights_only=True)
-        except Exception as e:  # unpickling errors come in many types
-            raise ProbeError(f"cannot load weights file {weights}: {str(e).splitlines()[0]}") from None
+            with warnings.catch_warnings():  # torch warns about foreign pickle protocols before failing
+                warnings.simplefilter("ignore")
+                state_dict = torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as e:  # text, an empty file, a foreign pickle: the errors come in many types
+            reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+            raise ProbeError(f"weights file {weights} is not a PyTorch checkpoint or state dict ({reason}); "
+                             f"{expected}") from None
         if isinstance(state_dict, dict) and isinstance(state_dict.get("state_dict"), dict):
             state_dict = state_dict["state_dict"]
-        if not isinstance(state_dict, dict):
-            raise ProbeError(f"weights file {weights} holds a {type(state_dict).__name__}, not a state dict")
+        if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+            what = f"a {type(state_dict).__name__}" if not isinstance(state_dict, dict) else "a dict of non-tensors"
+            raise ProbeError(f"weights file {weights} holds {what}, not a PyTorch state dict; {expected}")
         if name == "efficientnet_lite0":
             state_dict = lite0_state_dict_to_timm(state_dict)
         _load(model, state_dict, f"weights file {weights}", name)

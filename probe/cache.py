@@ -6,9 +6,9 @@ Layout of a cache file (readable with plain h5py):
     /train/features  [N, D] float32 or float16, chunked
     /train/labels    [N] int64
     /test/...        the same, where the data set has a test split
-    attributes       probe_format, complete, key (JSON), key_hash, model, weights, resolution,
-                     preprocessing (JSON), dataset, fingerprint, dtype, feature_dim, classes (JSON),
-                     versions (JSON), created
+    attributes       probe_format, complete, key (JSON), key_hash, model, weights, weights_path,
+                     resolution, preprocessing (JSON), dataset, fingerprint, dtype, feature_dim,
+                     classes (JSON), versions (JSON), created
 
 While an extraction runs, finished batches go to `<file>.parts/` as .npy shards, each written to a
 temporary name and renamed, so a killed run loses at most the shard in progress and the next run
@@ -31,7 +31,7 @@ import h5py
 import numpy as np
 
 from probe.errors import ProbeError
-from probe.files import atomic_write, publish
+from probe.files import atomic_write, check_space, make_dir, publish
 
 FORMAT = 1
 SPLITS = ("train", "test")
@@ -69,8 +69,8 @@ class PartialCache:
         if resume and self._key_matches():
             return
         shutil.rmtree(self.dir, ignore_errors=True)
-        self.dir.mkdir(parents=True)
-        atomic_write(self.dir / "key.json", lambda f: f.write(json.dumps(self.key, sort_keys=True).encode()))
+        make_dir(self.dir)
+        atomic_write(self.dir / "key.json", json.dumps(self.key, sort_keys=True).encode())
 
     def _key_matches(self) -> bool:
         try:
@@ -98,7 +98,8 @@ class PartialCache:
         return shards[-1][1] if shards else 0
 
     def write(self, split: str, start: int, features: np.ndarray) -> None:
-        atomic_write(self.dir / f"{split}-{start:09d}-{start + len(features):09d}.npy", lambda f: np.save(f, features))
+        atomic_write(self.dir / f"{split}-{start:09d}-{start + len(features):09d}.npy", lambda f: np.save(f, features),
+                     size=features.nbytes + 128)  # .npy: the array and a header of at most 128 bytes
 
     def read(self, split: str) -> np.ndarray:
         arrays = []
@@ -110,9 +111,31 @@ class PartialCache:
                 raise ProbeError(f"shard {p} was damaged and has been removed; run the same command again to resume")
         return np.concatenate(arrays)
 
-    def finish(self, *, classes: list[str], labels: dict[str, np.ndarray], feature_dim: int, versions: dict) -> Path:
-        """Assemble the shards into the final HDF5 file (atomically) and remove them."""
+    def finish(self, *, classes: list[str], labels: dict[str, np.ndarray], feature_dim: int, versions: dict,
+               weights_path: str = "") -> Path:
+        """Assemble the shards into the final HDF5 file (atomically) and remove them.
+
+        weights_path: the absolute path of the weights file the features came from ("" for default or
+        none), so a head fitted on the file can find it again; its content is in the key's weights hash.
+        """
         tmp = self.final.with_name(self.final.name + ".tmp")
+        # HDF5 cannot survive a write that fails for lack of space (it crashed in testing): check first.
+        # The shards stay until the file is in place, so the peak is about twice the cache's size.
+        shard_bytes = sum(p.stat().st_size for split in labels for _, _, p in self.shards(split))
+        check_space(self.final.parent, shard_bytes + sum(8 * len(v) for v in labels.values()) + (1 << 20),
+                    f"assembling {self.final.name} (the shards in {self.dir.name} are kept)")
+        try:
+            self._assemble(tmp, classes, labels, feature_dim, versions, weights_path)
+            publish(tmp, self.final)
+        except OSError as e:
+            raise ProbeError(f"cannot write {self.final}: {e.strerror or str(e).splitlines()[0]}; the shards in "
+                             f"{self.dir} are kept: run the same command again once that is fixed") from None
+        finally:
+            tmp.unlink(missing_ok=True)
+        shutil.rmtree(self.dir, ignore_errors=True)
+        return self.final
+
+    def _assemble(self, tmp: Path, classes, labels, feature_dim, versions, weights_path) -> None:
         with h5py.File(tmp, "w") as f:
             for split, split_labels in labels.items():
                 features = self.read(split)
@@ -128,13 +151,10 @@ class PartialCache:
                 "model": key["model"], "weights": key["weights"], "resolution": key["resolution"],
                 "preprocessing": json.dumps(key["preprocessing"]), "dataset": key["dataset"],
                 "fingerprint": key["fingerprint"], "dtype": key["dtype"], "feature_dim": feature_dim,
-                "classes": json.dumps(classes), "versions": json.dumps(versions),
+                "classes": json.dumps(classes), "versions": json.dumps(versions), "weights_path": weights_path,
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             })
             f.attrs["complete"] = True  # last, after everything else is in the file
-        publish(tmp, self.final)
-        shutil.rmtree(self.dir, ignore_errors=True)
-        return self.final
 
 
 @dataclass
@@ -213,7 +233,22 @@ def list_caches(cache_dir: str | os.PathLike = "cache") -> list[dict]:
         done = {s: partial.rows_done(s) for s in SPLITS}
         size = sum(f.stat().st_size for f in parts.iterdir()) / 2**20
         rows.append({"file": parts.name, "size_mb": size, "status": "incomplete (resumable)", "splits": done})
+    # What a killed or failed run leaves: its HDF5 file half-assembled, or a lock with nothing beside it.
+    for leftover in sorted([*cache_dir.glob("*.h5.tmp"), *cache_dir.glob("*.h5.lock")]):
+        base = _base(leftover)
+        if leftover.suffix == ".lock" and (base.exists() or base.with_name(base.name + ".parts").exists()):
+            continue  # the lock of a cache file or of a resumable extraction
+        rows.append({"file": leftover.name, "size_mb": leftover.stat().st_size / 2**20,
+                     "status": "leftover", "problem": f"left by a run that stopped; probe cache rm {leftover}"})
     return rows
+
+
+def _base(path: Path) -> Path:
+    """The cache file that a shard folder, temporary file or lock file belongs to."""
+    for suffix in (".parts", ".tmp", ".lock"):
+        if path.name.endswith(".h5" + suffix):
+            return path.with_name(path.name[: -len(suffix)])
+    return path
 
 
 def verify_cache(path: str | os.PathLike) -> list[str]:
@@ -242,13 +277,16 @@ def verify_cache(path: str | os.PathLike) -> list[str]:
 
 
 def remove_cache(path: str | os.PathLike) -> list[Path]:
-    """Delete a cache file with its unfinished shards and lock file; returns what was removed."""
+    """Delete a cache file with its unfinished shards, temporary file and lock; returns what was removed.
+
+    `path` may name any of them (a leftover lock or temporary file of a dead run, say).
+    """
     path = Path(path)
-    if path.suffix != ".h5" and not path.name.endswith(".h5.parts"):
-        raise ProbeError(f"{path} is not a cache file (*.h5)")
-    base = path if path.suffix == ".h5" else path.with_name(path.name[: -len(".parts")])
+    base = _base(path)
+    if base.suffix != ".h5":
+        raise ProbeError(f"{path} is not a cache file (*.h5, or its .parts, .tmp or .lock)")
     removed = []
-    for p in (base, base.with_name(base.name + ".parts"), base.with_name(base.name + ".lock")):
+    for p in (base, *(base.with_name(base.name + suffix) for suffix in (".parts", ".tmp", ".lock"))):
         if p.is_dir():
             shutil.rmtree(p)
             removed.append(p)

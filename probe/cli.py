@@ -29,6 +29,15 @@ def _errors_to_exit_codes(fn):
         except ProbeError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
+        except (RuntimeError, MemoryError) as e:
+            from probe.device import is_out_of_memory, out_of_memory_error
+
+            if not is_out_of_memory(e):
+                raise
+            error = out_of_memory_error(e, f"in probe {click.get_current_context().info_name}",
+                                        "lower --batch-size, --resolution or --train-per-class, or use --device cpu")
+            click.echo(f"error: {error}", err=True)
+            sys.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted: finished work is kept; run the same command again to resume", err=True)
             sys.exit(130)
@@ -98,6 +107,8 @@ def extract(obj, **options):
     result = run(**_kwargs(**options), progress=obj["progress"])
     if result.reused:
         click.echo(f"cache hit: {result.path} is complete; no backbone pass (--force to redo)")
+    elif result.images == 0:
+        click.echo(f"wrote {result.path} from the shards of an earlier run; no backbone pass was needed")
     else:
         click.echo(f"wrote {result.path}: {result.images} images in {result.seconds:.1f} s "
                    f"({result.images_per_second:.0f} images/s)")
@@ -114,6 +125,8 @@ def extract(obj, **options):
 @click.option("--C", "C", type=float, help="logreg: this regularization strength instead of the sweep.")
 @click.option("--k", type=int, help="knn: neighbours. [default: 20]")
 @click.option("--epochs", type=int, help="linear/mlp: epochs. [default: 10]")
+@click.option("--test-fraction", type=float,
+              help="Data sets without a test split: the share of train held out as one (stratified, seeded). [default: 0.2]")
 @click.option("--device", help="auto, cpu or cuda. [default: auto]")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics JSON.")
 @_errors_to_exit_codes
@@ -133,6 +146,9 @@ def _print_metrics(out, m, as_json):
     extra = f", C={hp['C_chosen']:.3g} ({hp['C_from']})" if "C_chosen" in hp else ""
     click.echo(f"{m['method']} on {m['model']}: test accuracy {m['test_accuracy']:.2%} "
                f"({m['n_train']} train, {m['n_test']} test, {m['wall_seconds']:.1f} s{extra})")
+    if m.get("classes_without_test_images"):
+        click.echo(f"note: no test images of {', '.join(m['classes_without_test_images'])}: "
+                   "their per-class accuracy is null in metrics.json")
     click.echo(f"saved {out}")
 
 
@@ -187,6 +203,8 @@ def cache_verify(paths, cache_dir):
 
     from probe.cache import verify_cache
 
+    if not paths and not Path(cache_dir).is_dir():
+        raise ProbeError(f"no cache folder {cache_dir}")
     files = list(paths) or sorted(str(p) for p in Path(cache_dir).glob("*.h5"))
     problems = [p for f in files for p in verify_cache(f)]
     for p in problems:

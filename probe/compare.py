@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 from probe.errors import ProbeError
-from probe.files import atomic_write
+from probe.files import atomic_write, make_dir
 
 COLUMNS = ("method", "model", "resolution", "trainable_parameters", "n_train", "test_accuracy", "wall_seconds")
 
@@ -52,14 +52,14 @@ def compare(paths: list[str | os.PathLike], *, out: str | os.PathLike = "runs/co
     runs = load_metrics(paths)
     rows = table(runs)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write(out / "compare.csv", lambda f: f.write(buffer.getvalue().encode()))
+    atomic_write(out / "compare.csv", buffer.getvalue().encode())
     text = markdown(rows)
-    atomic_write(out / "compare.md", lambda f: f.write(text.encode()))
+    atomic_write(out / "compare.md", text.encode())
     if plot is not None:
         draw(runs, Path(plot))
     return rows, text
@@ -73,7 +73,7 @@ def draw(runs: list[dict], folder: Path) -> list[Path]:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    folder.mkdir(parents=True, exist_ok=True)
+    make_dir(folder)
     labels = [f"{r['method']}\n{r['model']}" for r in runs]
     fig, ax = plt.subplots(figsize=(max(4, 1.3 * len(runs)), 3.6))
     bars = ax.bar(range(len(runs)), [100 * r["test_accuracy"] for r in runs], color="#4C72B0")

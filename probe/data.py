@@ -124,8 +124,7 @@ def load_folder(path: Path, name: str) -> ImageDataset:
     classes = sorted(d.name for d in (path / "train").iterdir() if d.is_dir())
     if not classes:
         raise ProbeError(f"{path}/train has no class folders")
-    digest = hashlib.sha256()
-    splits = {}
+    splits, files_in_order = {}, []
     for split in ("train", "test"):
         if not (path / split).is_dir():
             continue
@@ -137,14 +136,33 @@ def load_folder(path: Path, name: str) -> ImageDataset:
         for label, cls in enumerate(classes):
             folder = path / split / cls
             files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS) if folder.is_dir() else []
-            for f in files:
-                digest.update(f"{split}/{cls}/{f.name}:{f.stat().st_size}\n".encode())
+            files_in_order += [(f"{split}/{cls}/{f.name}", f) for f in files]
             paths += [str(f) for f in files]
             labels += [label] * len(files)
         if not paths:
             raise ProbeError(f"{path}/{split} has no images (extensions: {' '.join(IMAGE_EXTENSIONS)})")
         splits[split] = Split(labels=np.asarray(labels, dtype=np.int64), paths=paths)
-    return ImageDataset(name, classes, splits, digest.hexdigest()[:16])
+    return ImageDataset(name, classes, splits, folder_fingerprint(files_in_order))
+
+
+def folder_fingerprint(files: list[tuple[str, Path]]) -> str:
+    """A hash of every file's place (split/class/name) and content: any image replaced, added, removed or
+    moved to another class gives another fingerprint, whatever its size or modification time."""
+    def content(path: Path) -> bytes:
+        digest = hashlib.blake2b(digest_size=16)
+        try:
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+        except OSError as e:
+            raise ProbeError(f"cannot read {path}: {e.strerror or e}") from None
+        return digest.digest()
+
+    digest = hashlib.sha256()
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:  # file reads release the GIL
+        for (place, _), file_digest in zip(files, pool.map(content, [f for _, f in files], chunksize=256)):
+            digest.update(place.encode() + b"\0" + file_digest)
+    return digest.hexdigest()[:16]
 
 
 def decode_small(split: Split) -> Split:

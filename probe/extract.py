@@ -17,7 +17,9 @@ from tqdm.auto import tqdm
 from probe.backbones import create_backbone, get_spec, weights_identity
 from probe.cache import PartialCache, cache_key, cache_path, open_cache
 from probe.data import decode_small, iter_batches, load_dataset
+from probe.device import is_out_of_memory, out_of_memory_error, resolve_device
 from probe.errors import ProbeError
+from probe.files import make_dir
 
 log = logging.getLogger("probe")
 DTYPES = ("float32", "float16")
@@ -36,16 +38,6 @@ class ExtractResult:
     @property
     def images_per_second(self) -> float:
         return self.images / self.seconds if self.seconds else 0.0
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda"):
-        raise ProbeError(f"unknown device {device!r}: choose auto, cpu or cuda")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ProbeError("--device cuda, but torch sees no CUDA GPU; use --device cpu or auto")
-    return torch.device(device)
 
 
 def resolve_cache(*, model: str = "resnet18", dataset: str = "cifar10", weights: str = "default",
@@ -77,10 +69,12 @@ def extract(*, model: str = "resnet18", dataset: str = "cifar10", weights: str =
     dev = resolve_device(device)
     data, key, path = resolve_cache(model=model, dataset=dataset, weights=weights, resolution=resolution,
                                     dtype=dtype, data_dir=data_dir, cache_dir=cache_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dir(path.parent)
     lock = FileLock(str(path) + ".lock")
     try:
         lock.acquire(timeout=0)
+    except PermissionError as e:
+        raise ProbeError(f"cannot write in {path.parent}: {e.strerror}; give a writable --cache-dir") from None
     except Timeout:
         log.info(f"another probe extract is writing {path.name}; waiting for it to finish")
         lock.acquire()
@@ -109,6 +103,22 @@ class Embedder:
         self.mean = torch.tensor(self.spec.mean, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(self.spec.std, device=device).view(1, 3, 1, 1) * 255
         self.forward_seconds = 0.0  # time spent in the backbone itself
+        self.max_batch = 1 << 30  # lowered when a batch runs out of memory
+
+    def in_pieces(self, images: torch.Tensor) -> torch.Tensor:
+        """self(images), or, when the batch does not fit in memory, in halves (down to single images);
+        later batches keep the size that fitted. The features do not depend on the batch size."""
+        piece = min(len(images), self.max_batch)
+        try:
+            return torch.cat([self(images[i:i + piece]) for i in range(0, len(images), piece)])
+        except Exception as e:
+            if not is_out_of_memory(e) or piece == 1:
+                raise
+        self.max_batch = max(1, piece // 2)
+        log.warning(f"out of memory with {piece} images per forward pass; retrying with {self.max_batch}")
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return self.in_pieces(images)
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
@@ -134,25 +144,32 @@ def _run(data, key, path, weights, dev, batch_size, num_workers, resume, progres
     result = ExtractResult(path, reused=False)
     bar = tqdm(total=sum(todo.values()), unit="img", desc=f"extract {key['model']}", disable=not progress)
     t0 = time.perf_counter()
-    with bar:
-        for name, split in data.splits.items():
-            row = parts.rows_done(name)
-            if row == len(split):
-                continue
-            split = decode_small(split)
-            pending, shard_start, last_flush = [], row, time.perf_counter()
-            for images in iter_batches(split, size, batch_size, dev, start=row, num_workers=num_workers):
-                pending.append(embed(images).cpu().numpy().astype(store, copy=False))
-                row += len(images)
-                bar.update(len(images))
-                if time.perf_counter() - last_flush > SHARD_SECONDS or row == len(split):
-                    parts.write(name, shard_start, np.concatenate(pending))
-                    pending, shard_start, last_flush = [], row, time.perf_counter()
-            result.images += todo[name]
+    try:
+        with bar:
+            for name, split in data.splits.items():
+                row = parts.rows_done(name)
+                if row == len(split):
+                    continue
+                split = decode_small(split)
+                pending, shard_start, last_flush = [], row, time.perf_counter()
+                for images in iter_batches(split, size, batch_size, dev, start=row, num_workers=num_workers):
+                    pending.append(embed.in_pieces(images).cpu().numpy().astype(store, copy=False))
+                    row += len(images)
+                    bar.update(len(images))
+                    if time.perf_counter() - last_flush > SHARD_SECONDS or row == len(split):
+                        parts.write(name, shard_start, np.concatenate(pending))
+                        pending, shard_start, last_flush = [], row, time.perf_counter()
+                result.images += todo[name]
+    except Exception as e:
+        if is_out_of_memory(e):  # finished shards are kept: the same command with smaller settings resumes
+            raise out_of_memory_error(e, f"extracting {key['model']} at resolution {size} in batches of {batch_size}",
+                                      "lower --batch-size or --resolution") from None
+        raise
     result.seconds = time.perf_counter() - t0
     result.forward_seconds = embed.forward_seconds
     parts.finish(classes=data.classes, labels={s: sp.labels for s, sp in data.splits.items()},
-                 feature_dim=embed.spec.feature_dim, versions=_versions())
+                 feature_dim=embed.spec.feature_dim, versions=_versions(),
+                 weights_path="" if weights in ("default", "none") else str(Path(weights).resolve()))
     return result
 
 

@@ -1,24 +1,56 @@
-"""Atomic file writes: every file probe writes appears whole under its name, or not at all."""
+"""Writing files safely: every file probe writes appears whole under its name, or not at all, and a
+full or read-only disk is a one-line error, never a traceback or a crash in a library."""
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import BinaryIO, Callable
 
+from probe.device import format_bytes
+from probe.errors import ProbeError
 
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
-    """Call write(f) on a temporary file beside `path`, fsync it, then rename it to `path`.
+# Kept free beyond the bytes about to be written: file system metadata, and room for other writers.
+DISK_MARGIN = 1 << 16
 
-    A crash or an exception midway leaves `path` as it was and removes the temporary file. The
-    temporary name carries the process id, so concurrent writers never share one.
+
+def check_space(folder: str | os.PathLike, needed: int, what: str) -> None:
+    """Refuse, before writing, when `folder`'s disk has less than `needed` bytes (plus a margin) free."""
+    free = shutil.disk_usage(folder).free
+    if needed + DISK_MARGIN > free:
+        raise ProbeError(f"not enough disk space for {what} in {folder}: needs {format_bytes(needed + DISK_MARGIN)}, "
+                         f"{format_bytes(free)} free; free some space and run the same command again")
+
+
+def make_dir(path: str | os.PathLike) -> Path:
+    """mkdir -p, with a read-only or missing parent as a one-line error."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ProbeError(f"cannot create folder {path}: {e.strerror or e}") from None
+    return path
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], object], size: int = 0) -> Path:
+    """Write `data` (bytes, or a function writing to a file) to a temporary file beside `path`, fsync it,
+    then rename it to `path`.
+
+    The free space is checked first against the bytes, or `size` for a function. A crash or an error
+    midway leaves `path` as it was and removes the temporary file. The temporary name carries the
+    process id, so concurrent writers never share one.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    check_space(path.parent, len(data) if isinstance(data, (bytes, memoryview)) else size, path.name)
     try:
         with open(tmp, "wb") as f:
-            write(f)
+            data(f) if callable(data) else f.write(data)
         publish(tmp, path)
+    except OSError as e:  # a disk filled by someone else meanwhile, a read-only folder, a quota
+        raise ProbeError(f"cannot write {path}: {e.strerror or e}; {format_bytes(shutil.disk_usage(path.parent).free)} "
+                         "free there") from None
     finally:
         tmp.unlink(missing_ok=True)
     return path

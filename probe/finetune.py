@@ -10,6 +10,7 @@ statistics do not move. Images are held in memory as uint8 and augmented in batc
 from __future__ import annotations
 
 import datetime
+import io
 import math
 import os
 import time
@@ -25,9 +26,9 @@ from torch import nn
 from probe.backbones import create_backbone, get_spec
 from probe.data import Split, decode_small, iter_batches, load_dataset, read_image, resize_center_crop
 from probe.errors import ProbeError
-from probe.extract import resolve_device
-from probe.files import atomic_write
-from probe.fit import FitResult, balanced_rows, class_indices, load_head, save_run
+from probe.device import resolve_device
+from probe.files import atomic_write, make_dir
+from probe.fit import TEST_FRACTION, FitResult, balanced_rows, class_indices, holdout_rows, load_head, save_run
 from probe.train import train_epochs
 
 STRATEGIES = ("linear", "partial", "full", "lp-ft")
@@ -96,10 +97,18 @@ def augment(images: torch.Tensor, size: int, kind: str, generator: torch.Generat
 
 
 def _in_memory(split: Split, size: int) -> np.ndarray:
-    """The split as one uint8 array: small images at their own size, large ones resized to `size`."""
+    """The split as one uint8 array of square images: small ones center-cropped to their shorter side,
+    large ones resized and center-cropped to `size`.
+
+    Square first, for training and evaluation alike: the random crops are then taken from the same
+    frame that evaluation's center crop shows, never from a squashed non-square one.
+    """
     split = decode_small(split)
     if split.pixels is not None:
-        return split.pixels
+        h, w = split.pixels.shape[1:3]
+        side = min(h, w)
+        top, left = (h - side) // 2, (w - side) // 2
+        return np.ascontiguousarray(split.pixels[:, top:top + side, left:left + side])
 
     def load(path):
         image = torch.from_numpy(read_image(path)).permute(2, 0, 1)[None].float()
@@ -121,12 +130,15 @@ class _Subset:
 def _load(dataset, data_dir, size, classes, train_per_class, seed) -> _Subset:
     """The data set in memory with the same class and subset selection as `probe fit`."""
     data = load_dataset(dataset, data_dir=data_dir, download=True)
-    if "test" not in data.splits:
-        raise ProbeError(f"data set {dataset} has no test split to evaluate on")
     keep = class_indices(data.classes, classes)
     remap = np.full(len(data.classes), -1)
     remap[keep] = np.arange(len(keep))
-    train, test = data.splits["train"], data.splits["test"]
+    train = data.splits["train"]
+    if "test" in data.splits:
+        test = data.splits["test"]
+    else:  # the same held-out rows as probe fit with the same seed
+        train_rows, test_rows = holdout_rows(train.labels, keep, TEST_FRACTION, seed, data.classes)
+        train, test = train.subset(train_rows), train.subset(test_rows)
     rows = balanced_rows(train.labels, keep, train_per_class, seed, data.classes, dataset)
     test_rows = np.flatnonzero(np.isin(test.labels, keep))
     return _Subset([data.classes[c] for c in keep], _in_memory(train.subset(rows), size), remap[train.labels[rows]],
@@ -221,6 +233,7 @@ def finetune(*, strategy: str = "partial", model: str = "resnet18", dataset: str
 
         train_epochs(net, lambda e, s=stage_start: batches(e + s), optimizer=opt, scheduler=sched, epochs=stage_end - stage_start,
                      start_epoch=len(history) - stage_start, train_mode=lambda: train_mode(net), evaluate=evaluate,
+                     seed=seed * 1000 + stage_start,
                      on_epoch_end=on_epoch_end, amp=amp, progress=progress, desc=f"finetune {stage or strategy}")
         state = None
 
@@ -280,8 +293,10 @@ def _init_from_head(fc: nn.Linear, path: str, classes: list[str]) -> None:
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda f: torch.save(state, f))
+    make_dir(path.parent)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write(path, buffer.getbuffer())
 
 
 def _load_checkpoint(path: Path, config: dict) -> dict | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import io
 import json
 import os
 import time
@@ -17,10 +18,11 @@ from sklearn.metrics import confusion_matrix
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from probe.backbones import weights_identity
 from probe.cache import FeatureCache, open_cache
 from probe.errors import ProbeError
 from probe.extract import resolve_cache
-from probe.files import atomic_write
+from probe.files import atomic_write, check_space, make_dir
 from probe.heads import make_head
 
 HEAD_FORMAT = 1
@@ -55,27 +57,59 @@ def find_cache(*, features: str | None = None, model: str | None = None, dataset
     return open_cache(path)
 
 
+TEST_FRACTION = 0.2  # held out of train as the test split when a data set has none
+
+
 def select(cache: FeatureCache, *, classes: list[str] | None = None, train_per_class: int | None = None,
-           seed: int = 0, need_test: bool = True):
+           seed: int = 0, test_fraction: float | None = None):
     """Load the splits, keep only `classes` (names or indices), and take a balanced seeded subset of train.
 
-    Returns (class names, X_train, y_train, X_test, y_test); labels are renumbered 0..len(classes)-1.
+    A cache without a test split (a folder with train/ only) gets one: a seeded, stratified
+    `test_fraction` (default 0.2) of its training images, held out before anything else sees train.
+    Returns (class names, X_train, y_train, X_test, y_test, how the test split was made); labels are
+    renumbered 0..len(classes)-1.
     """
     keep = class_indices(cache.classes, classes)
     X, y = cache.load("train")
-    Xt, yt = cache.load("test") if need_test or "test" in cache.splits else (None, None)
+    if "test" in cache.splits:
+        if test_fraction is not None:
+            raise ProbeError(f"{cache.path.name} has a test split; --test-fraction is for data sets without one")
+        Xt, yt = cache.load("test")
+        test_split = "the data set's test split"
+    else:
+        fraction = TEST_FRACTION if test_fraction is None else test_fraction
+        if not 0 < fraction < 1:
+            raise ProbeError(f"--test-fraction must be between 0 and 1, not {fraction}")
+        train_rows, test_rows = holdout_rows(y, keep, fraction, seed, cache.classes)
+        X, y, Xt, yt = X[train_rows], y[train_rows], X[test_rows], y[test_rows]
+        test_split = f"held out of train: {fraction:g} of each class, stratified, seed {seed}"
     remap = np.full(len(cache.classes), -1)
     remap[keep] = np.arange(len(keep))
     rows = balanced_rows(y, keep, train_per_class, seed, cache.classes, cache.path.name)
     if len(rows) < len(y):  # index only for a subset: X[rows] copies the whole feature matrix
         X, y = X[rows], y[rows]
     y = remap[y]
-    if Xt is not None:
-        test_rows = np.flatnonzero(np.isin(yt, keep))
-        if len(test_rows) < len(yt):
-            Xt, yt = Xt[test_rows], yt[test_rows]
-        yt = remap[yt]
-    return [cache.classes[c] for c in keep], X, y, Xt, yt
+    test_rows = np.flatnonzero(np.isin(yt, keep))
+    if len(test_rows) < len(yt):
+        Xt, yt = Xt[test_rows], yt[test_rows]
+    yt = remap[yt]
+    return [cache.classes[c] for c in keep], X, y, Xt, yt, test_split
+
+
+def holdout_rows(labels: np.ndarray, keep: list[int], fraction: float, seed: int,
+                 names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(train rows, test rows) of the kept classes: a seeded stratified split, at least one of each class on each side."""
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for c in keep:
+        rows = rng.permutation(np.flatnonzero(labels == c))
+        if len(rows) < 2:
+            raise ProbeError(f"class {names[c]!r} has {len(rows)} image(s): too few to hold out a test split; "
+                             "add images or a test/ folder")
+        n_test = min(len(rows) - 1, max(1, round(fraction * len(rows))))
+        test.append(rows[:n_test])
+        train.append(rows[n_test:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 
 
 def balanced_rows(labels: np.ndarray, keep: list[int], per_class: int | None, seed: int, names: list[str],
@@ -117,11 +151,13 @@ def fit(*, head: str = "logreg", features: str | None = None, model: str | None 
         weights: str = "default", resolution: int | None = None, dtype: str = "float32", data_dir: str = "data",
         cache_dir: str = "cache", out: str | None = None, classes: list[str] | None = None,
         train_per_class: int | None = None, seed: int = 0, C: float | None = None, k: int | None = None,
-        epochs: int | None = None, device: str = "auto", runs_dir: str = "runs") -> FitResult:
+        epochs: int | None = None, device: str = "auto", runs_dir: str = "runs",
+        test_fraction: float | None = None) -> FitResult:
     """Fit head `head` on a feature cache, evaluate it on the test split, and save both under `out`."""
     cache = find_cache(features=features, model=model, dataset=dataset, weights=weights, resolution=resolution,
                        dtype=dtype, data_dir=data_dir, cache_dir=cache_dir)
-    names, X, y, Xt, yt = select(cache, classes=classes, train_per_class=train_per_class, seed=seed)
+    names, X, y, Xt, yt, test_split = select(cache, classes=classes, train_per_class=train_per_class, seed=seed,
+                                             test_fraction=test_fraction)
     params = {"logreg": {"C": C, "random_state": seed, "device": device}, "knn": {"k": k, "device": device},
               "linear": {"epochs": epochs, "random_state": seed, "device": device},
               "mlp": {"epochs": epochs, "random_state": seed, "device": device}}.get(head, {})
@@ -135,20 +171,43 @@ def fit(*, head: str = "logreg", features: str | None = None, model: str | None 
     metrics = {
         "kind": "fit", "method": head, "model": key["model"], "weights": key["weights"],
         "resolution": key["resolution"], "dataset": key["dataset"], "cache": str(cache.path),
-        "classes": names, "n_train": int(len(y)), "n_test": int(len(yt)),
+        "classes": names, "n_train": int(len(y)), "n_test": int(len(yt)), "test_split": test_split,
         "test_accuracy": float((predicted == yt).mean()),
-        "per_class_accuracy": {n: float((predicted[yt == i] == i).mean()) for i, n in enumerate(names)},
+        # A class with no test image has no accuracy: null (JSON has no NaN), and listed by name.
+        "per_class_accuracy": {n: float((predicted[yt == i] == i).mean()) if (yt == i).any() else None
+                               for i, n in enumerate(names)},
+        "classes_without_test_images": [n for i, n in enumerate(names) if not (yt == i).any()],
         "confusion_matrix": confusion_matrix(yt, predicted, labels=range(len(names))).tolist(),
         "hyperparameters": _hyperparameters(pipeline), "train_per_class": train_per_class, "seed": seed,
         "trainable_parameters": _n_parameters(pipeline), "fit_seconds": fit_seconds, "wall_seconds": fit_seconds,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    out_dir = Path(out) if out else Path(runs_dir) / _run_name(cache, head, classes, train_per_class, seed)
+    out_dir = Path(out) if out else Path(runs_dir) / _run_name(cache, head, classes, train_per_class, seed, test_fraction)
     artifact = {"format": HEAD_FORMAT, "pipeline": pipeline, "classes": names, "model": key["model"],
-                "weights": weights, "weights_identity": key["weights"], "resolution": key["resolution"],
+                "weights": weights_source(cache, weights), "weights_identity": key["weights"], "resolution": key["resolution"],
                 "preprocessing": key["preprocessing"], "feature_dim": cache.feature_dim, "cache": str(cache.path)}
     save_run(out_dir, artifact, metrics)
     return FitResult(out_dir, metrics)
+
+
+def weights_source(cache: FeatureCache, weights_option: str | None = None) -> str:
+    """What rebuilds the backbone of a cache's features, read from the cache, never from the command line:
+    'default', 'none', or the absolute path of a file whose content has the hash in the cache's key.
+
+    The path is the one recorded at extraction; a --weights file given now is taken instead only if
+    its content has that same hash (the file was moved).
+    """
+    identity = cache.key["weights"]
+    if identity in ("default", "none"):
+        return identity
+    recorded = cache.attrs.get("weights_path", "")
+    for candidate in (recorded, weights_option):
+        if candidate and candidate not in ("default", "none") and Path(candidate).is_file() \
+                and weights_identity(candidate) == identity:
+            return str(Path(candidate).resolve())
+    raise ProbeError(f"{cache.path.name} was extracted with weights file {recorded or '(path not recorded)'} "
+                     f"({identity}), which is not there with that content; give --weights PATH to that file, "
+                     "so the head can rebuild its features in probe predict")
 
 
 def _hyperparameters(pipeline) -> dict:
@@ -170,8 +229,10 @@ def _n_parameters(pipeline) -> int:
     return 0
 
 
-def _run_name(cache: FeatureCache, head: str, classes, train_per_class, seed) -> str:
+def _run_name(cache: FeatureCache, head: str, classes, train_per_class, seed, test_fraction) -> str:
     name = f"{cache.path.stem}__{head}"
+    if test_fraction is not None:
+        name += f"__test{test_fraction:g}"
     if train_per_class:
         name += f"__n{train_per_class}-seed{seed}"
     if classes:
@@ -181,11 +242,18 @@ def _run_name(cache: FeatureCache, head: str, classes, train_per_class, seed) ->
 
 def save_run(out_dir: Path, artifact: dict | None, metrics: dict) -> None:
     """Write head.joblib and metrics.json, each atomically, under a lock so two writers cannot interleave."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_dir(out_dir)
+    head = None
+    if artifact is not None:  # serialized first, so the disk check knows its size
+        buffer = io.BytesIO()
+        joblib.dump(artifact, buffer)
+        head = buffer.getbuffer()
+    text = json.dumps(metrics, indent=2, allow_nan=False).encode()
     with FileLock(str(out_dir / ".lock")):
-        if artifact is not None:
-            atomic_write(out_dir / "head.joblib", lambda f: joblib.dump(artifact, f))
-        atomic_write(out_dir / "metrics.json", lambda f: f.write(json.dumps(metrics, indent=2).encode()))
+        check_space(out_dir, len(text) + (len(head) if head is not None else 0), "head.joblib and metrics.json")
+        if head is not None:
+            atomic_write(out_dir / "head.joblib", head)
+        atomic_write(out_dir / "metrics.json", text)
 
 
 def load_head(path: str | os.PathLike) -> dict:

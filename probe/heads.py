@@ -20,11 +20,20 @@ from sklearn.model_selection import train_test_split
 from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import nn
 
+from probe.device import resolve_device
 from probe.errors import ProbeError
-from probe.extract import resolve_device
 from probe.train import train_epochs
 
 DEFAULT_CS = tuple(float(c) for c in np.logspace(-4, 1, 11))  # 1e-4 .. 10, half a decade apart
+
+
+def rank_classes(probabilities: np.ndarray) -> np.ndarray:
+    """Column indices of each row from most to least probable; ties keep the lower index first.
+
+    The one ranking behind a head's predict and `probe predict`'s top-k, so the top class shown is
+    always the class predicted (kNN vote shares tie often).
+    """
+    return np.argsort(-probabilities, axis=1, kind="stable")
 
 
 class _TorchClassifier(ClassifierMixin, BaseEstimator):
@@ -47,7 +56,7 @@ class _TorchClassifier(ClassifierMixin, BaseEstimator):
             return torch.softmax(self._logits(X), 1).cpu().numpy()
 
     def predict(self, X) -> np.ndarray:
-        return self.classes_[self.predict_proba(X).argmax(1)]
+        return self.classes_[rank_classes(self.predict_proba(X))[:, 0]]
 
 
 class LogisticProbe(_TorchClassifier):

@@ -5,13 +5,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from probe.backbones import weights_identity
 from probe.data import read_image, resize_center_crop
+from probe.device import resolve_device
 from probe.errors import ProbeError
-from probe.extract import Embedder, resolve_device
+from probe.extract import Embedder
 from probe.fit import load_head
+from probe.heads import rank_classes
+
+BATCH_SIZE = 64  # images per backbone pass
 
 
 def predict(head: str | os.PathLike, images: list[str | os.PathLike], *, top_k: int = 5,
@@ -25,23 +29,40 @@ def predict(head: str | os.PathLike, images: list[str | os.PathLike], *, top_k: 
         raise ProbeError(f"--top-k must be positive, not {top_k}")
     artifact = load_head(head)
     weights = artifact["weights"]
-    if weights not in ("default", "none") and not Path(weights).is_file():
-        raise ProbeError(f"the head's backbone weights file {weights} is gone; put it back or fit the head again")
+    if weights not in ("default", "none"):
+        if not Path(weights).is_file():
+            raise ProbeError(f"the head's backbone weights file {weights} is gone; put it back or fit the head again")
+        if weights_identity(weights) != artifact["weights_identity"]:
+            raise ProbeError(f"the head's backbone weights file {weights} has changed since the head was fitted "
+                             f"(now {weights_identity(weights)}, fitted on {artifact['weights_identity']}); "
+                             "put the original back or fit the head again")
     embed = Embedder(artifact["model"], weights, artifact["resolution"], resolve_device(device))
     if embed.spec.feature_dim != artifact["feature_dim"]:
         raise ProbeError(f"head {head} expects {artifact['feature_dim']}-wide features, but {artifact['model']} "
                          f"gives {embed.spec.feature_dim}")
     pipeline, classes = artifact["pipeline"], artifact["classes"]
-    results = []
-    for image in images:
+    results: list[dict] = [{"image": str(image)} for image in images]
+    batch, rows = [], []
+
+    def flush():
+        if not batch:
+            return
+        probabilities = pipeline.predict_proba(embed(torch.stack(batch)).cpu().numpy())
+        for row, p, order in zip(rows, probabilities, rank_classes(probabilities)[:, :top_k]):
+            results[row]["top"] = [{"class": classes[int(pipeline.classes_[i])], "probability": float(p[i])}
+                                   for i in order]
+        batch.clear()
+        rows.clear()
+
+    for row, image in enumerate(images):
         try:
             pixels = torch.from_numpy(read_image(image)).permute(2, 0, 1)[None].float().to(embed.device)
         except ProbeError as e:
-            results.append({"image": str(image), "error": str(e)})
+            results[row]["error"] = str(e)
             continue
-        features = embed(resize_center_crop(pixels, embed.resolution)).cpu().numpy()
-        probabilities = pipeline.predict_proba(features)[0]
-        order = np.argsort(-probabilities)[:top_k]
-        results.append({"image": str(image), "top": [
-            {"class": classes[int(pipeline.classes_[i])], "probability": float(probabilities[i])} for i in order]})
+        batch.append(resize_center_crop(pixels, embed.resolution)[0])
+        rows.append(row)
+        if len(batch) == BATCH_SIZE:
+            flush()
+    flush()
     return results

@@ -27,6 +27,7 @@ def train_epochs(
     evaluate: Callable[[], float] | None = None,
     on_epoch_end: Callable[[int, dict], None] | None = None,
     amp: bool = False,
+    seed: int | None = None,
     progress: bool = False,
     desc: str = "train",
 ) -> list[dict]:
@@ -35,11 +36,15 @@ def train_epochs(
     batches(epoch) yields (inputs, labels) on the model's device. train_mode() puts the model in
     training mode (default: model.train()); a fine-tune passes one that keeps frozen parts in eval
     mode. evaluate() returns test accuracy. on_epoch_end(epoch, row) runs after each epoch, for
-    checkpoints. amp: float16 autocast with a gradient scaler (CUDA).
+    checkpoints. amp: float16 autocast with a gradient scaler (CUDA). seed: torch's global random
+    state is seeded with seed + epoch at the start of each epoch, so what draws from it (dropout,
+    stochastic depth) is a function of the epoch alone and a resumed run repeats a straight one.
     """
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     history = []
     for epoch in range(start_epoch, epochs):
+        if seed is not None:
+            torch.manual_seed(seed + epoch)
         (train_mode or model.train)()
         t0, seen, correct, loss_sum = time.perf_counter(), 0, 0, 0.0
         for x, y in tqdm(batches(epoch), desc=f"{desc} epoch {epoch + 1}/{epochs}", unit="batch",

@@ -76,7 +76,7 @@ def test_local_weights_file_loads_and_a_wrong_one_names_its_keys(tmp_path):
         create_backbone("resnet18", str(tmp_path / "absent.pt"))
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
-    with pytest.raises(ProbeError, match="cannot load weights file"):
+    with pytest.raises(ProbeError, match="not a PyTorch checkpoint or state dict"):
         create_backbone("resnet18", str(junk))
 
 

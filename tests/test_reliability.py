@@ -8,10 +8,12 @@ import sys
 import time
 
 import h5py
+import pytest
 import torch
 
 from conftest import assert_one_line_error, copy_sample
 from probe.cache import open_cache
+from probe.errors import ProbeError
 
 
 def _probe(*args, env=None):
@@ -105,10 +107,8 @@ def test_a_write_that_fails_midway_leaves_the_old_file(tmp_path):
         f.write(b"half of the new")
         raise OSError("disk full")
 
-    try:
+    with pytest.raises(ProbeError, match="cannot write .*metrics.json: disk full"):
         atomic_write(target, fails)
-    except OSError:
-        pass
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]  # the temporary file is gone too
 
