@@ -125,6 +125,8 @@ def extract(obj, **options):
 @click.option("--C", "C", type=float, help="logreg: this regularization strength instead of the sweep.")
 @click.option("--k", type=int, help="knn: neighbours. [default: 20]")
 @click.option("--epochs", type=int, help="linear/mlp: epochs. [default: 10]")
+@click.option("--class-weight", type=click.Choice(["balanced"]),
+              help="logreg/linear/mlp: weight classes by n / (classes x count), scikit-learn's 'balanced'.")
 @click.option("--test-fraction", type=float,
               help="Data sets without a test split: the share of train held out as one (stratified, seeded). [default: 0.2]")
 @click.option("--device", help="auto, cpu or cuda. [default: auto]")
@@ -144,7 +146,9 @@ def _print_metrics(out, m, as_json):
         return
     hp = m.get("hyperparameters", {})
     extra = f", C={hp['C_chosen']:.3g} ({hp['C_from']})" if "C_chosen" in hp else ""
-    click.echo(f"{m['method']} on {m['model']}: test accuracy {m['test_accuracy']:.2%} "
+    scores = "".join(f", {label} {m[key]:.2%}" for key, label in (("balanced_accuracy", "balanced"),
+                                                                  ("top5_accuracy", "top-5")) if m.get(key) is not None)
+    click.echo(f"{m['method']} on {m['model']}: test accuracy {m['test_accuracy']:.2%}{scores} "
                f"({m['n_train']} train, {m['n_test']} test, {m['wall_seconds']:.1f} s{extra})")
     if m.get("classes_without_test_images"):
         click.echo(f"note: no test images of {', '.join(m['classes_without_test_images'])}: "

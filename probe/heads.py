@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.model_selection import train_test_split
+from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import nn
 
@@ -39,11 +40,21 @@ def rank_classes(probabilities: np.ndarray) -> np.ndarray:
 class _TorchClassifier(ClassifierMixin, BaseEstimator):
     """Shared predict/predict_proba for heads whose forward pass gives logits."""
 
+    def _class_weights(self, y: np.ndarray, device) -> torch.Tensor | None:
+        """scikit-learn's class_weight="balanced": n_samples / (n_classes * count of the class), or None."""
+        if self.class_weight is None:
+            return None
+        if self.class_weight != "balanced":
+            raise ValueError(f"class_weight must be None or 'balanced', not {self.class_weight!r}")
+        counts = np.bincount(y, minlength=len(self.classes_))
+        return torch.tensor(len(y) / (len(self.classes_) * counts), dtype=torch.float32, device=device)
+
     def _encode(self, X, y):
         X, y = validate_data(self, X, y, dtype=np.float32)
+        check_classification_targets(y)  # a continuous y: "Unknown label type"
         self.classes_, y = np.unique(y, return_inverse=True)
         if len(self.classes_) < 2:
-            raise ProbeError("a head needs training samples of at least two classes")
+            raise ValueError(f"y has only one class ({self.classes_[0]!r}): a classifier needs at least two classes")
         return X, y
 
     def _logits(self, X: np.ndarray) -> torch.Tensor:
@@ -56,6 +67,7 @@ class _TorchClassifier(ClassifierMixin, BaseEstimator):
             return torch.softmax(self._logits(X), 1).cpu().numpy()
 
     def predict(self, X) -> np.ndarray:
+        check_is_fitted(self)
         return self.classes_[rank_classes(self.predict_proba(X))[:, 0]]
 
 
@@ -67,17 +79,19 @@ class LogisticProbe(_TorchClassifier):
     stops once `patience` grid points in a row have not beaten the best. After fit, C_ is the C used and sweep_ holds the
     (C, validation accuracy) pairs that were tried; with too few samples for a validation split
     (under 2 per class) the sweep is skipped, C_ is 1.0 (scikit-learn's default) and sweep_ is empty.
+    n_iter_ is the number of L-BFGS iterations of the final fit.
     """
 
     def __init__(self, C: float | None = None, Cs=DEFAULT_CS, val_fraction: float = 0.2, patience: int = 2,
-                 max_iter: int = 500, tol: float = 1e-4, sweep_tol: float = 1e-3, random_state: int = 0,
-                 device: str = "auto"):
+                 max_iter: int = 500, tol: float = 1e-4, sweep_tol: float = 1e-3, class_weight: str | None = None,
+                 random_state: int = 0, device: str = "auto"):
         self.C, self.Cs, self.val_fraction, self.patience, self.max_iter = C, Cs, val_fraction, patience, max_iter
-        self.tol, self.sweep_tol, self.random_state, self.device = tol, sweep_tol, random_state, device
+        self.tol, self.sweep_tol, self.class_weight = tol, sweep_tol, class_weight
+        self.random_state, self.device = random_state, device
 
     def fit(self, X, y):
         if self.C is not None and not self.C > 0:
-            raise ProbeError(f"C must be positive, not {self.C}")
+            raise ValueError(f"C must be positive, not {self.C}")
         X, y = self._encode(X, y)
         dev = resolve_device(self.device)
         k = len(self.classes_)
@@ -90,11 +104,15 @@ class LogisticProbe(_TorchClassifier):
                                       random_state=self.random_state)
             Xt, yt = torch.from_numpy(X[tr]).to(dev), torch.from_numpy(y[tr]).to(dev)
             Xv, yv = torch.from_numpy(X[va]).to(dev), torch.from_numpy(y[va]).to(dev)
+            weight = self._class_weights(y[tr], dev)
             W, b, self.sweep_, best, since_best = None, None, [], (-1.0, None, None, None), 0
             for C in sorted(self.Cs):  # strong to weak regularization: each solution warm-starts the next
                 # Ranking the Cs needs less precision than the final refit: sweep_tol, not tol.
-                W, b = _lbfgs(Xt, yt, k, C, W, b, self.max_iter, self.sweep_tol)
-                accuracy = ((Xv @ W.T + b).argmax(1) == yv).float().mean().item()
+                W, b, _ = _lbfgs(Xt, yt, k, C, W, b, self.max_iter, self.sweep_tol, weight)
+                correct = ((Xv @ W.T + b).argmax(1) == yv).float()
+                # Balanced class weights: the sweep ranks by balanced accuracy (mean recall per class).
+                accuracy = (correct.mean() if weight is None else
+                            torch.stack([correct[yv == c].mean() for c in range(k) if (yv == c).any()]).mean()).item()
                 self.sweep_.append((float(C), accuracy))
                 since_best = since_best + 1 if accuracy <= best[0] else 0
                 if accuracy > best[0]:
@@ -102,8 +120,8 @@ class LogisticProbe(_TorchClassifier):
                 if since_best >= self.patience:
                     break
             _, self.C_, W, b = best
-        W, b = _lbfgs(torch.from_numpy(X).to(dev), torch.from_numpy(y).to(dev), k, self.C_, W, b,
-                      self.max_iter, self.tol)
+        W, b, self.n_iter_ = _lbfgs(torch.from_numpy(X).to(dev), torch.from_numpy(y).to(dev), k, self.C_, W, b,
+                                    self.max_iter, self.tol, self._class_weights(y, dev))
         self.coef_, self.intercept_ = W.cpu().numpy(), b.cpu().numpy()
         return self
 
@@ -111,8 +129,11 @@ class LogisticProbe(_TorchClassifier):
         return torch.from_numpy(X) @ torch.from_numpy(self.coef_).T + torch.from_numpy(self.intercept_)
 
 
-def _lbfgs(X, y, k, C, W0, b0, max_iter, tol):
+def _lbfgs(X, y, k, C, W0, b0, max_iter, tol, weight=None):
     """Minimize mean cross-entropy + ||W||^2 / (2 C n), the scikit-learn objective divided by C n.
+
+    weight: per-class weights of the cross-entropy; balanced ones sum to n over the samples, so the
+    weighted mean is scikit-learn's weighted sum divided by n, as without weights.
 
     tol bounds the largest gradient entry of that mean objective. 1e-3 ranks the Cs of a sweep as
     well as 1e-4 in a third less time, but a refit warm-started from the sweep's solution can stop
@@ -127,12 +148,12 @@ def _lbfgs(X, y, k, C, W0, b0, max_iter, tol):
 
     def closure():
         opt.zero_grad()
-        loss = F.cross_entropy(X @ W.T + b, y) + penalty * (W * W).sum()
+        loss = F.cross_entropy(X @ W.T + b, y, weight=weight) + penalty * (W * W).sum()
         loss.backward()
         return loss
 
     opt.step(closure)
-    return W.detach(), b.detach()
+    return W.detach(), b.detach(), max(1, opt.state[W].get("n_iter", 1))
 
 
 class _TrainedHead(_TorchClassifier):
@@ -156,11 +177,15 @@ class _TrainedHead(_TorchClassifier):
                 idx = order[i:i + self.batch_size]
                 yield Xt[idx], yt[idx]
 
+        # A few hundred samples make one or two batches an epoch: train at least min_steps steps in all.
+        steps_per_epoch = -(-len(yt) // self.batch_size)
+        self.n_epochs_ = max(self.epochs, -(-self.min_steps // steps_per_epoch))
         opt = torch.optim.AdamW(module.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.epochs)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.n_epochs_)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.random_state)  # dropout masks
-            self.history_ = train_epochs(module, batches, optimizer=opt, scheduler=sched, epochs=self.epochs)
+            self.history_ = train_epochs(module, batches, optimizer=opt, scheduler=sched, epochs=self.n_epochs_,
+                                         class_weight=self._class_weights(y, dev))
         self.module_ = module.eval().cpu()
         return self
 
@@ -169,12 +194,16 @@ class _TrainedHead(_TorchClassifier):
 
 
 class TorchLinear(_TrainedHead):
-    """One linear layer trained with AdamW and a cosine schedule."""
+    """One linear layer trained with AdamW and a cosine schedule, for `epochs` or at least `min_steps` steps.
 
-    def __init__(self, epochs: int = 10, lr: float = 1e-3, weight_decay: float = 1e-4, batch_size: int = 256,
-                 random_state: int = 0, device: str = "auto"):
+    lr 1e-2: on standardized features a linear layer at 1e-3 underfits small data sets (scikit-learn's
+    check_classifiers_train: 66% after 300 steps, against 92% at 1e-2).
+    """
+
+    def __init__(self, epochs: int = 10, lr: float = 1e-2, weight_decay: float = 1e-4, batch_size: int = 256,
+                 min_steps: int = 300, class_weight: str | None = None, random_state: int = 0, device: str = "auto"):
         self.epochs, self.lr, self.weight_decay, self.batch_size = epochs, lr, weight_decay, batch_size
-        self.random_state, self.device = random_state, device
+        self.min_steps, self.class_weight, self.random_state, self.device = min_steps, class_weight, random_state, device
 
     def _module(self, d, k):
         return nn.Linear(d, k)
@@ -184,10 +213,11 @@ class TorchMLP(_TrainedHead):
     """The tutorials' head: Linear(D, hidden) -> ReLU -> Dropout(dropout) -> Linear(hidden, classes)."""
 
     def __init__(self, hidden: int = 256, dropout: float = 0.3, epochs: int = 10, lr: float = 1e-3,
-                 weight_decay: float = 1e-4, batch_size: int = 256, random_state: int = 0, device: str = "auto"):
+                 weight_decay: float = 1e-4, batch_size: int = 256, min_steps: int = 300,
+                 class_weight: str | None = None, random_state: int = 0, device: str = "auto"):
         self.hidden, self.dropout = hidden, dropout
         self.epochs, self.lr, self.weight_decay, self.batch_size = epochs, lr, weight_decay, batch_size
-        self.random_state, self.device = random_state, device
+        self.min_steps, self.class_weight, self.random_state, self.device = min_steps, class_weight, random_state, device
 
     def _module(self, d, k):
         return nn.Sequential(nn.Linear(d, self.hidden), nn.ReLU(), nn.Dropout(self.dropout), nn.Linear(self.hidden, k))
@@ -202,7 +232,7 @@ class CosineKNN(_TorchClassifier):
     def fit(self, X, y):
         X, y = self._encode(X, y)
         if self.k < 1:
-            raise ProbeError(f"k must be positive, not {self.k}")
+            raise ValueError(f"k must be positive, not {self.k}")
         self.train_ = F.normalize(torch.from_numpy(X), dim=1)
         self.labels_ = torch.from_numpy(y)
         return self

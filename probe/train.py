@@ -28,6 +28,7 @@ def train_epochs(
     on_epoch_end: Callable[[int, dict], None] | None = None,
     amp: bool = False,
     seed: int | None = None,
+    class_weight: torch.Tensor | None = None,
     progress: bool = False,
     desc: str = "train",
 ) -> list[dict]:
@@ -39,6 +40,7 @@ def train_epochs(
     checkpoints. amp: float16 autocast with a gradient scaler (CUDA). seed: torch's global random
     state is seeded with seed + epoch at the start of each epoch, so what draws from it (dropout,
     stochastic depth) is a function of the epoch alone and a resumed run repeats a straight one.
+    class_weight: per-class weights of the cross-entropy (class_weight="balanced" of the heads).
     """
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     history = []
@@ -51,7 +53,7 @@ def train_epochs(
                          disable=not progress, leave=False):
             with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
                 logits = model(x)
-                loss = F.cross_entropy(logits, y)
+                loss = F.cross_entropy(logits, y, weight=class_weight)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)

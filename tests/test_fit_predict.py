@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import joblib
 import numpy as np
@@ -25,6 +26,9 @@ def test_extract_fit_predict_end_to_end(run_cli, tmp_path):
     assert metrics["n_train"] == 1000 and metrics["n_test"] == 500 and metrics["test_accuracy"] > 0.4
     assert len(metrics["confusion_matrix"]) == 10 and sum(map(sum, metrics["confusion_matrix"])) == 500
     assert set(metrics["per_class_accuracy"]) == set(metrics["classes"])
+    # balanced accuracy: the mean recall per class; top-5: the true class among the five most probable
+    assert metrics["balanced_accuracy"] == pytest.approx(np.mean(list(metrics["per_class_accuracy"].values())))
+    assert metrics["test_accuracy"] <= metrics["top5_accuracy"] <= 1 and metrics["top5_accuracy"] > 0.8
     assert metrics["hyperparameters"]["C_chosen"] in [s["C"] for s in metrics["hyperparameters"]["sweep"]]
     assert metrics["cache"].endswith(".h5") and metrics["fit_seconds"] > 0
 
@@ -132,3 +136,15 @@ def test_two_fits_writing_the_same_head_leave_a_whole_one(sample_cache, tmp_path
     assert joblib.load(tmp_path / "shared" / "head.joblib")["model"] == "efficientnet_lite0"
     assert json.loads((tmp_path / "shared" / "metrics.json").read_text())["method"] == "knn"
     assert sorted(p.name for p in (tmp_path / "shared").iterdir()) == [".lock", "head.joblib", "metrics.json"]
+
+
+def test_class_weight_through_the_cli(run_cli, sample_cache):
+    result = run_cli("fit", "--features", sample_cache, "--head", "linear", "--class-weight", "balanced", "--json")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout)
+    assert metrics["hyperparameters"]["class_weight"] == "balanced"
+    assert [p.name.endswith("__linear__balanced") for p in Path("runs").iterdir()] == [True]  # its own run folder
+    assert_one_line_error(run_cli("fit", "--features", sample_cache, "--head", "knn", "--class-weight", "balanced"),
+                          "--class-weight", "not knn")
+    two = run_cli("fit", "--features", sample_cache, "--classes", "cat,dog", "--json")
+    assert json.loads(two.stdout)["top5_accuracy"] is None  # two classes: top-5 means nothing

@@ -11,7 +11,7 @@ from sklearn.preprocessing import StandardScaler
 
 from probe.cache import open_cache
 from probe.errors import ProbeError
-from probe.heads import HEADS, CosineKNN, LogisticProbe, make_head
+from probe.heads import HEADS, CosineKNN, LogisticProbe, TorchLinear, TorchMLP, make_head
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +40,14 @@ def test_each_head_beats_chance_clearly_and_round_trips(features, name):
     assert clone(head).get_params() == head.get_params()
 
 
-def test_logreg_with_fixed_C_solves_scikit_learns_objective(features):
+@pytest.mark.parametrize("class_weight", [None, "balanced"])
+def test_logreg_with_fixed_C_solves_scikit_learns_objective(features, class_weight):
     X, y, Xt, _ = features
-    ours = LogisticProbe(C=0.05, device="cpu", tol=1e-6).fit(X, y)
-    theirs = LogisticRegression(C=0.05, max_iter=2000, tol=1e-8).fit(X, y)
+    if class_weight:  # an imbalanced training set: every fourth image of the first five classes
+        keep = (y >= 5) | (np.arange(len(y)) % 4 == 0)
+        X, y = X[keep], y[keep]
+    ours = LogisticProbe(C=0.05, device="cpu", tol=1e-6, class_weight=class_weight).fit(X, y)
+    theirs = LogisticRegression(C=0.05, max_iter=2000, tol=1e-8, class_weight=class_weight).fit(X, y)
     np.testing.assert_allclose(ours.predict_proba(Xt), theirs.predict_proba(Xt), atol=2e-3)
     assert (ours.predict(Xt) == theirs.predict(Xt)).mean() > 0.99
 
@@ -82,3 +86,15 @@ def test_logreg_without_enough_samples_to_validate_uses_the_default_C(features):
     head = LogisticProbe(device="cpu").fit(X[rows], y[rows])
     assert head.C_ == 1.0 and head.sweep_ == []
     assert head.score(Xt, yt) > 0.1
+
+
+def test_balanced_class_weights_raise_the_recall_of_a_rare_class():
+    """scikit-learn's class_weight='balanced' for every head that trains. Two overlapping Gaussian
+    classes, 10 to 1: unweighted, the rare class is mostly out-voted; balanced, its recall rises clearly."""
+    rng = np.random.default_rng(0)
+    X = np.concatenate([rng.normal(0, 1, (1000, 8)), rng.normal(0.8, 1, (100, 8))]).astype(np.float32)
+    y = np.array([0] * 1000 + [1] * 100)
+    Xt = rng.normal(0.8, 1, (500, 8)).astype(np.float32)  # rare-class test points
+    for head in (LogisticProbe(device="cpu"), TorchLinear(device="cpu"), TorchMLP(device="cpu")):
+        recall = {w: (head.set_params(class_weight=w).fit(X, y).predict(Xt) == 1).mean() for w in (None, "balanced")}
+        assert recall["balanced"] > recall[None] + 0.3, (type(head).__name__, recall)
