@@ -100,17 +100,23 @@ def heads(r: dict) -> list[str]:
 
 def throughput(r: dict) -> list[str]:
     gpu = _on_gpu(r)
+    malloc = all("default_malloc" in row for row in r["rows"])
     lines = [
         f"**Extraction** (`benchmarks/results/{'extract_throughput_full' if r['settings']['full'] else 'extract_throughput'}.json`;"
-        f" {_machine(r)}; random init, throughput does not depend on the weights):",
+        f" {_machine(r)}; random init, throughput does not depend on the weights"
+        + ("; each model run twice in a row, with the `probe` command's malloc setting and with glibc's default)"
+           if malloc else ")") + ":",
         "",
-        "| model | resolution | images |" + (" images/s |" if gpu else "") + " time outside the forward pass |",
-        "|---|---:|---:|" + ("---:|" if gpu else "") + "---:|",
+        "| model | resolution | images |" + (" images/s |" if gpu else "") + " time outside the forward pass |"
+        + (" system time / wall | the same, glibc's default malloc | wall time gain |" if malloc else ""),
+        "|---|---:|---:|" + ("---:|" if gpu else "") + "---:|" + ("---:|---:|---:|" if malloc else ""),
     ]
     for row in r["rows"]:
         rate = f" {row['images_per_second_wall']:,.0f} |" if gpu else ""
+        churn = (f" {row['system_share_of_wall']:.1%} | {row['default_malloc']['system_share_of_wall']:.1%} | "
+                 f"{row['wall_gain_over_default_malloc']:.2f}x |") if malloc else ""
         lines.append(f"| {row['model']} | {row['resolution']} | {row['images']:,} |{rate} "
-                     f"{row['share_outside_forward']:.1%} |")
+                     f"{row['share_outside_forward']:.1%} |{churn}")
     return lines + ["", _targets(r)]
 
 

@@ -197,11 +197,14 @@ def create_backbone(name: str, weights: str = "default", resolution: int | None 
             reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
             raise ProbeError(f"weights file {weights} is not a PyTorch checkpoint or state dict ({reason}); "
                              f"{expected}") from None
-        if isinstance(state_dict, dict) and isinstance(state_dict.get("state_dict"), dict):
-            state_dict = state_dict["state_dict"]
+        for wrapper in ("state_dict", "model_state_dict", "model"):  # training checkpoints nest the weights
+            if isinstance(state_dict, dict) and isinstance(state_dict.get(wrapper), dict):
+                state_dict = state_dict[wrapper]
+                break
         if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
             what = f"a {type(state_dict).__name__}" if not isinstance(state_dict, dict) else "a dict of non-tensors"
-            raise ProbeError(f"weights file {weights} holds {what}, not a PyTorch state dict; {expected}")
+            raise ProbeError(f"weights file {weights} is not a PyTorch checkpoint or state dict (it holds {what}); "
+                             f"{expected}")
         if name == "efficientnet_lite0":
             state_dict = lite0_state_dict_to_timm(state_dict)
         _load(model, state_dict, f"weights file {weights}", name)
@@ -211,9 +214,11 @@ def create_backbone(name: str, weights: str = "default", resolution: int | None 
 
 
 def _load(model: nn.Module, state_dict: dict, what: str, name: str) -> None:
-    """Load strictly, except that a missing classifier is fine; name the keys that do not fit."""
+    """Load strictly, except for the classifier, which is removed anyway (missing, or trained for any
+    number of classes, both fine); name the keys that do not fit."""
     own = model.state_dict()
     classifier = get_spec(name).classifier + "."
+    state_dict = {k: v for k, v in state_dict.items() if not k.startswith(classifier)}
     missing = [k for k in own if k not in state_dict and not k.startswith(classifier)]
     unexpected = [k for k in state_dict if k not in own]
     wrong_shape = [k for k in state_dict if k in own and tuple(state_dict[k].shape) != tuple(own[k].shape)]

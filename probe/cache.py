@@ -277,22 +277,28 @@ def verify_cache(path: str | os.PathLike) -> list[str]:
 
 
 def remove_cache(path: str | os.PathLike) -> list[Path]:
-    """Delete a cache file with its unfinished shards, temporary file and lock; returns what was removed.
-
-    `path` may name any of them (a leftover lock or temporary file of a dead run, say).
+    """Delete a cache file (or its unfinished shards) with its temporary file and lock; returns what was
+    removed. A leftover temporary or lock file named alone is removed alone, never the cache beside it.
     """
     path = Path(path)
     base = _base(path)
     if base.suffix != ".h5":
         raise ProbeError(f"{path} is not a cache file (*.h5, or its .parts, .tmp or .lock)")
+    if path.name.endswith((".h5.tmp", ".h5.lock")):
+        targets = [path]
+    else:
+        targets = [base, *(base.with_name(base.name + suffix) for suffix in (".parts", ".tmp", ".lock"))]
     removed = []
-    for p in (base, *(base.with_name(base.name + suffix) for suffix in (".parts", ".tmp", ".lock"))):
-        if p.is_dir():
-            shutil.rmtree(p)
-            removed.append(p)
-        elif p.exists():
-            p.unlink()
-            removed.append(p)
+    try:
+        for p in targets:
+            if p.is_dir():
+                shutil.rmtree(p)
+                removed.append(p)
+            elif p.exists():
+                p.unlink()
+                removed.append(p)
+    except OSError as e:
+        raise ProbeError(f"cannot remove {e.filename or path}: {e.strerror or e}") from None
     if not removed:
         raise ProbeError(f"no cache file {path}")
     return removed

@@ -34,8 +34,10 @@ def _errors_to_exit_codes(fn):
 
             if not is_out_of_memory(e):
                 raise
-            error = out_of_memory_error(e, f"in probe {click.get_current_context().info_name}",
-                                        "lower --batch-size, --resolution or --train-per-class, or use --device cpu")
+            command = click.get_current_context().info_name
+            fix = {"fit": "lower --train-per-class, or fit on --device cpu if on a GPU",
+                   "predict": "use --device cpu if on a GPU"}.get(command, "lower --batch-size or --resolution")
+            error = out_of_memory_error(e, f"in probe {command}", fix)
             click.echo(f"error: {error}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
@@ -73,6 +75,9 @@ def main(ctx, quiet):
       probe finetune --model resnet18 --strategy partial
       probe compare runs/*                         # every run in one table
     """
+    from probe.device import tune_cpu_allocator
+
+    tune_cpu_allocator()  # no kernel churn from large temporary tensors on the CPU
     ctx.obj = {"progress": not quiet}
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
 
@@ -251,6 +256,8 @@ def cache_rm(paths):
 @click.option("--augmentation", help="rrc (RandomResizedCrop 0.6-1 + flip), crop (RandomCrop pad 4 + flip), none. [default: rrc]")
 @click.option("--unfreeze", multiple=True, help="partial: more parameter-name prefixes to train (repeatable).")
 @click.option("--init-head", help="lp-ft: start the classifier from this probe fit head (logreg or linear).")
+@click.option("--test-fraction", type=float,
+              help="Data sets without a test split: the share of train held out as one, as probe fit. [default: 0.2]")
 @click.option("--device", help="auto, cpu or cuda. [default: auto]")
 @click.option("--out", help="Run folder. [default: runs/finetune__<dataset>__<model>__<strategy>]")
 @click.option("--resume", is_flag=True, default=None, help="Continue from the run folder's last checkpoint.")

@@ -24,7 +24,8 @@ def load_metrics(paths: list[str | os.PathLike]) -> list[dict]:
         except (OSError, ValueError) as e:
             raise ProbeError(f"cannot read run metrics {file} ({type(e).__name__}); give run folders of probe fit "
                              "or probe finetune, or their metrics.json") from None
-        if not isinstance(metrics, dict) or "test_accuracy" not in metrics:
+        if not isinstance(metrics, dict) or not isinstance(metrics.get("test_accuracy"), (int, float)) \
+                or not all(isinstance(metrics.get(k), str) for k in ("method", "model")):
             raise ProbeError(f"{file} is not a metrics.json of probe fit or probe finetune")
         runs.append({**metrics, "path": str(file)})
     return runs
@@ -65,6 +66,16 @@ def compare(paths: list[str | os.PathLike], *, out: str | os.PathLike = "runs/co
     return rows, text
 
 
+def _save_png(fig, path: Path) -> Path:
+    """Render to memory, then write atomically (a full disk is a one-line error, not a half PNG)."""
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    return atomic_write(path, buffer.getvalue())
+
+
 def draw(runs: list[dict], folder: Path) -> list[Path]:
     """accuracy.png: test accuracy per method; curves.png: fine-tunes' test accuracy per epoch."""
     import matplotlib
@@ -83,9 +94,7 @@ def draw(runs: list[dict], folder: Path) -> list[Path]:
     ax.set_ylim(0, 100)
     ax.set_title("test accuracy per method")
     fig.tight_layout()
-    written = [folder / "accuracy.png"]
-    fig.savefig(written[0], dpi=120)
-    plt.close(fig)
+    written = [_save_png(fig, folder / "accuracy.png")]
 
     tuned = [r for r in runs if r.get("history")]
     fig, ax = plt.subplots(figsize=(6, 3.6))
@@ -107,7 +116,5 @@ def draw(runs: list[dict], folder: Path) -> list[Path]:
     if tuned:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    written.append(folder / "curves.png")
-    fig.savefig(written[1], dpi=120)
-    plt.close(fig)
+    written.append(_save_png(fig, folder / "curves.png"))
     return written

@@ -185,7 +185,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         with Image.open(path) as im, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # PIL warns about palette transparency on convert
             return np.array(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:
         raise ProbeError(f"cannot read image {path}: {e.__class__.__name__}: {e}; delete or replace that file") from None
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
+import os
 import re
+import sys
 
 import torch
 
@@ -48,3 +51,23 @@ def format_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
+
+
+def tune_cpu_allocator() -> bool:
+    """Keep freed memory in the process instead of handing it back to the kernel after every batch.
+
+    glibc serves allocations above a threshold (at most 32 MiB by default) with fresh mmap()s and
+    unmaps them on free; a forward pass allocates and frees activations of tens of MiB per batch, so
+    each batch re-faults every page of them (measured: a third of CPU extraction time in the kernel).
+    Raising the mmap and trim thresholds to 1 GiB lets the heap reuse that memory; the process may keep
+    up to 1 GiB of freed memory in reserve. Linux with glibc only; PROBE_MALLOC=default leaves malloc
+    as it is. Returns True if applied. DataLoader workers inherit it (they are forked).
+    """
+    if sys.platform != "linux" or os.environ.get("PROBE_MALLOC") == "default":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (musl, say): nothing to tune
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))

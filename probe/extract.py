@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from filelock import FileLock, Timeout
+from filelock import Timeout
 from tqdm.auto import tqdm
 
 from probe.backbones import create_backbone, get_spec, weights_identity
@@ -19,6 +19,7 @@ from probe.cache import PartialCache, cache_key, cache_path, open_cache
 from probe.data import decode_small, iter_batches, load_dataset
 from probe.device import is_out_of_memory, out_of_memory_error, resolve_device
 from probe.errors import ProbeError
+from probe.files import lock as file_lock
 from probe.files import make_dir
 
 log = logging.getLogger("probe")
@@ -69,12 +70,13 @@ def extract(*, model: str = "resnet18", dataset: str = "cifar10", weights: str =
     dev = resolve_device(device)
     data, key, path = resolve_cache(model=model, dataset=dataset, weights=weights, resolution=resolution,
                                     dtype=dtype, data_dir=data_dir, cache_dir=cache_dir)
+    if path.exists() and not force and not os.access(path.parent, os.W_OK):
+        open_cache(path)  # a complete cache on read-only storage: read it, no lock needed
+        return ExtractResult(path, reused=True)
     make_dir(path.parent)
-    lock = FileLock(str(path) + ".lock")
+    lock = file_lock(str(path) + ".lock")
     try:
         lock.acquire(timeout=0)
-    except PermissionError as e:
-        raise ProbeError(f"cannot write in {path.parent}: {e.strerror}; give a writable --cache-dir") from None
     except Timeout:
         log.info(f"another probe extract is writing {path.name}; waiting for it to finish")
         lock.acquire()
@@ -84,6 +86,12 @@ def extract(*, model: str = "resnet18", dataset: str = "cifar10", weights: str =
             return ExtractResult(path, reused=True)
         return _run(data, key, path, weights, dev, batch_size or (256 if dev.type == "cuda" else 64),
                     num_workers, resume=not force, progress=progress)
+    except BaseException:
+        # Bad input found before anything was written (weights that do not load, say): leave nothing,
+        # not even the lock file.
+        if not path.exists() and not path.with_name(path.name + ".parts").exists():
+            Path(lock.lock_file).unlink(missing_ok=True)
+        raise
     finally:
         lock.release()
 

@@ -52,8 +52,32 @@ def atomic_write(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], obj
         raise ProbeError(f"cannot write {path}: {e.strerror or e}; {format_bytes(shutil.disk_usage(path.parent).free)} "
                          "free there") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        _remove(tmp)
     return path
+
+
+def _remove(path: Path) -> None:
+    """Remove a temporary file if it is there; on a read-only disk it never was."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def lock(path: str | os.PathLike):
+    """A FileLock on `path`, whose creation on a read-only or full disk is a one-line error."""
+    from filelock import FileLock, Timeout
+
+    class _Lock(FileLock):
+        def acquire(self, *args, **kwargs):
+            try:
+                return super().acquire(*args, **kwargs)
+            except Timeout:  # another process holds it: the caller decides (Timeout is an OSError too)
+                raise
+            except OSError as e:
+                raise ProbeError(f"cannot write in {Path(path).parent}: {e.strerror or e}") from None
+
+    return _Lock(str(path))
 
 
 def publish(tmp: Path, path: Path) -> None:

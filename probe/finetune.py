@@ -28,7 +28,8 @@ from probe.data import Split, decode_small, iter_batches, load_dataset, read_ima
 from probe.errors import ProbeError
 from probe.device import resolve_device
 from probe.files import atomic_write, make_dir
-from probe.fit import TEST_FRACTION, FitResult, balanced_rows, class_indices, holdout_rows, load_head, save_run
+from probe.fit import (TEST_FRACTION, FitResult, balanced_rows, class_indices, holdout_description, holdout_rows,
+                       load_head, save_run)
 from probe.train import train_epochs
 
 STRATEGIES = ("linear", "partial", "full", "lp-ft")
@@ -125,24 +126,33 @@ class _Subset:
     labels: np.ndarray
     test_pixels: np.ndarray
     test_labels: np.ndarray
+    test_split: str  # how the test split was made
 
 
-def _load(dataset, data_dir, size, classes, train_per_class, seed) -> _Subset:
-    """The data set in memory with the same class and subset selection as `probe fit`."""
+def _load(dataset, data_dir, size, classes, train_per_class, seed, test_fraction=None) -> _Subset:
+    """The data set in memory with the same class, subset and held-out test selection as `probe fit`."""
     data = load_dataset(dataset, data_dir=data_dir, download=True)
     keep = class_indices(data.classes, classes)
     remap = np.full(len(data.classes), -1)
     remap[keep] = np.arange(len(keep))
     train = data.splits["train"]
     if "test" in data.splits:
-        test = data.splits["test"]
-    else:  # the same held-out rows as probe fit with the same seed
-        train_rows, test_rows = holdout_rows(train.labels, keep, TEST_FRACTION, seed, data.classes)
+        if test_fraction is not None:
+            raise ProbeError(f"data set {dataset} has a test split; --test-fraction is for data sets without one")
+        test, test_split = data.splits["test"], "the data set's test split"
+    else:  # the same held-out rows as probe fit with the same seed and fraction
+        fraction = TEST_FRACTION if test_fraction is None else test_fraction
+        if not 0 < fraction < 1:
+            raise ProbeError(f"--test-fraction must be between 0 and 1, not {fraction}")
+        train_rows, test_rows = holdout_rows(train.labels, keep, fraction, seed, data.classes)
         train, test = train.subset(train_rows), train.subset(test_rows)
+        test_split = holdout_description(fraction, len(test_rows), seed)
     rows = balanced_rows(train.labels, keep, train_per_class, seed, data.classes, dataset)
     test_rows = np.flatnonzero(np.isin(test.labels, keep))
+    if not len(test_rows):
+        raise ProbeError(f"data set {dataset} has no test images of the selected classes; choose others with --classes")
     return _Subset([data.classes[c] for c in keep], _in_memory(train.subset(rows), size), remap[train.labels[rows]],
-                   _in_memory(test.subset(test_rows), size), remap[test.labels[test_rows]])
+                   _in_memory(test.subset(test_rows), size), remap[test.labels[test_rows]], test_split)
 
 
 def finetune(*, strategy: str = "partial", model: str = "resnet18", dataset: str = "cifar10",
@@ -152,7 +162,7 @@ def finetune(*, strategy: str = "partial", model: str = "resnet18", dataset: str
              lr: float = 1e-4, head_lr: float = 1e-3, weight_decay: float = 1e-4, schedule: str = "cosine",
              augmentation: str = "rrc", unfreeze: tuple[str, ...] = (), init_head: str | None = None,
              device: str = "auto", out: str | None = None, runs_dir: str = "runs", resume: bool = False,
-             progress: bool = True) -> FitResult:
+             test_fraction: float | None = None, progress: bool = True) -> FitResult:
     """Fine-tune `model` on `dataset` with `strategy`; metrics, history and checkpoints go to `out`.
 
     lp-ft: `lp_epochs` (default half of `epochs`) train the classifier alone (starting from the
@@ -172,13 +182,13 @@ def finetune(*, strategy: str = "partial", model: str = "resnet18", dataset: str
     if not 0 <= lp_epochs <= epochs:
         raise ProbeError(f"--lp-epochs must be between 0 and --epochs ({epochs}), not {lp_epochs}")
     t_start = time.perf_counter()
-    data = _load(dataset, data_dir, size, classes, train_per_class, seed)
+    data = _load(dataset, data_dir, size, classes, train_per_class, seed, test_fraction)
     out_dir = Path(out) if out else Path(runs_dir) / f"finetune__{dataset.replace('/', '-').replace(':', '-')}__{model}__{strategy}"
     config = {"strategy": strategy, "model": model, "dataset": dataset, "weights": weights, "resolution": size,
               "classes": data.classes, "train_per_class": train_per_class, "seed": seed, "epochs": epochs,
               "lp_epochs": lp_epochs, "batch_size": batch_size, "optimizer": optimizer, "lr": lr, "head_lr": head_lr,
               "weight_decay": weight_decay, "schedule": schedule, "augmentation": augmentation,
-              "unfreeze": list(unfreeze), "init_head": init_head}
+              "unfreeze": list(unfreeze), "init_head": init_head, "test_fraction": test_fraction}
 
     torch.manual_seed(seed)
     net = Classifier(model, weights, size, len(data.classes))
@@ -243,6 +253,7 @@ def finetune(*, strategy: str = "partial", model: str = "resnet18", dataset: str
     metrics = {
         "kind": "finetune", "method": f"finetune-{strategy}", "model": model, "weights": weights, "resolution": size,
         "dataset": dataset, "classes": data.classes, "n_train": int(len(data.labels)), "n_test": int(len(data.test_labels)),
+        "test_split": data.test_split,
         "test_accuracy": history[-1]["test_accuracy"], "trainable_parameters": trainable,
         "total_parameters": sum(p.numel() for p in net.parameters()), "hyperparameters": config,
         "train_per_class": train_per_class, "seed": seed, "history": history, "lp_epochs": lp_epochs,
@@ -296,7 +307,10 @@ def _save_checkpoint(path: Path, state: dict) -> None:
     make_dir(path.parent)
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    atomic_write(path, buffer.getbuffer())
+    try:
+        atomic_write(path, buffer.getbuffer())
+    except ProbeError as e:  # the epochs before are in the last checkpoint: say how to keep them
+        raise ProbeError(f"{e}; add --resume to continue from the last checkpoint") from None
 
 
 def _load_checkpoint(path: Path, config: dict) -> dict | None:

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import joblib
 import numpy as np
-from filelock import FileLock
 from sklearn.metrics import confusion_matrix
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -22,7 +21,7 @@ from probe.backbones import weights_identity
 from probe.cache import FeatureCache, open_cache
 from probe.errors import ProbeError
 from probe.extract import resolve_cache
-from probe.files import atomic_write, check_space, make_dir
+from probe.files import atomic_write, check_space, lock, make_dir
 from probe.heads import make_head, rank_classes
 
 HEAD_FORMAT = 1
@@ -82,7 +81,7 @@ def select(cache: FeatureCache, *, classes: list[str] | None = None, train_per_c
             raise ProbeError(f"--test-fraction must be between 0 and 1, not {fraction}")
         train_rows, test_rows = holdout_rows(y, keep, fraction, seed, cache.classes)
         X, y, Xt, yt = X[train_rows], y[train_rows], X[test_rows], y[test_rows]
-        test_split = f"held out of train: {fraction:g} of each class, stratified, seed {seed}"
+        test_split = holdout_description(fraction, len(test_rows), seed)
     remap = np.full(len(cache.classes), -1)
     remap[keep] = np.arange(len(keep))
     rows = balanced_rows(y, keep, train_per_class, seed, cache.classes, cache.path.name)
@@ -90,10 +89,17 @@ def select(cache: FeatureCache, *, classes: list[str] | None = None, train_per_c
         X, y = X[rows], y[rows]
     y = remap[y]
     test_rows = np.flatnonzero(np.isin(yt, keep))
+    if not len(test_rows):
+        raise ProbeError(f"{cache.path.name} has no test images of the selected classes; choose others with --classes")
     if len(test_rows) < len(yt):
         Xt, yt = Xt[test_rows], yt[test_rows]
     yt = remap[yt]
     return [cache.classes[c] for c in keep], X, y, Xt, yt, test_split
+
+
+def holdout_description(fraction: float, n_test: int, seed: int) -> str:
+    return (f"held out of train: {fraction:g} of each class (at least one, at most all but one), "
+            f"{n_test} images, stratified, seed {seed}")
 
 
 def holdout_rows(labels: np.ndarray, keep: list[int], fraction: float, seed: int,
@@ -158,6 +164,11 @@ def fit(*, head: str = "logreg", features: str | None = None, model: str | None 
                        dtype=dtype, data_dir=data_dir, cache_dir=cache_dir)
     names, X, y, Xt, yt, test_split = select(cache, classes=classes, train_per_class=train_per_class, seed=seed,
                                              test_fraction=test_fraction)
+    for value, what in ((C, "--C"), (epochs, "--epochs"), (k, "--k")):
+        if value is not None and not (np.isfinite(value) and value > 0):
+            raise ProbeError(f"{what} must be a positive finite number, not {value}")
+    if seed < 0:
+        raise ProbeError(f"--seed must be 0 or more, not {seed}")
     if class_weight is not None and head == "knn":
         raise ProbeError("--class-weight applies to logreg, linear and mlp, not knn (its votes are unweighted)")
     params = {"logreg": {"C": C, "random_state": seed, "device": device, "class_weight": class_weight},
@@ -264,7 +275,7 @@ def save_run(out_dir: Path, artifact: dict | None, metrics: dict) -> None:
         joblib.dump(artifact, buffer)
         head = buffer.getbuffer()
     text = json.dumps(metrics, indent=2, allow_nan=False).encode()
-    with FileLock(str(out_dir / ".lock")):
+    with lock(out_dir / ".lock"):
         check_space(out_dir, len(text) + (len(head) if head is not None else 0), "head.joblib and metrics.json")
         if head is not None:
             atomic_write(out_dir / "head.joblib", head)
@@ -282,6 +293,7 @@ def load_head(path: str | os.PathLike) -> dict:
         artifact = joblib.load(path)
     except Exception as e:  # truncated pickles raise EOFError, UnpicklingError, ValueError, ...
         raise ProbeError(f"cannot load head {path} ({type(e).__name__}); it is damaged: run probe fit again") from None
-    if not isinstance(artifact, dict) or artifact.get("format") != HEAD_FORMAT:
+    needed = ("pipeline", "classes", "model", "weights", "weights_identity", "resolution", "feature_dim")
+    if not isinstance(artifact, dict) or artifact.get("format") != HEAD_FORMAT or any(k not in artifact for k in needed):
         raise ProbeError(f"{path} is not a probe head of format {HEAD_FORMAT}; run probe fit again")
     return artifact

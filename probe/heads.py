@@ -41,13 +41,17 @@ class _TorchClassifier(ClassifierMixin, BaseEstimator):
     """Shared predict/predict_proba for heads whose forward pass gives logits."""
 
     def _class_weights(self, y: np.ndarray, device) -> torch.Tensor | None:
-        """scikit-learn's class_weight="balanced": n_samples / (n_classes * count of the class), or None."""
+        """Per-class loss weights, as scikit-learn's class_weight: None, "balanced" (n_samples /
+        (n_classes * count of the class)) or a dict {class label: weight} (others weigh 1)."""
         if self.class_weight is None:
             return None
-        if self.class_weight != "balanced":
-            raise ValueError(f"class_weight must be None or 'balanced', not {self.class_weight!r}")
-        counts = np.bincount(y, minlength=len(self.classes_))
-        return torch.tensor(len(y) / (len(self.classes_) * counts), dtype=torch.float32, device=device)
+        if isinstance(self.class_weight, dict):
+            weights = np.array([self.class_weight.get(c, 1.0) for c in self.classes_.tolist()], dtype=np.float64)
+        elif self.class_weight == "balanced":
+            weights = len(y) / (len(self.classes_) * np.bincount(y, minlength=len(self.classes_)))
+        else:
+            raise ValueError(f"class_weight must be None, 'balanced' or a dict, not {self.class_weight!r}")
+        return torch.tensor(weights, dtype=torch.float32, device=device)
 
     def _encode(self, X, y):
         X, y = validate_data(self, X, y, dtype=np.float32)
@@ -90,8 +94,8 @@ class LogisticProbe(_TorchClassifier):
         self.random_state, self.device = random_state, device
 
     def fit(self, X, y):
-        if self.C is not None and not self.C > 0:
-            raise ValueError(f"C must be positive, not {self.C}")
+        if self.C is not None and not (np.isfinite(self.C) and self.C > 0):
+            raise ValueError(f"C must be a positive finite number, not {self.C}")
         X, y = self._encode(X, y)
         dev = resolve_device(self.device)
         k = len(self.classes_)
@@ -132,8 +136,8 @@ class LogisticProbe(_TorchClassifier):
 def _lbfgs(X, y, k, C, W0, b0, max_iter, tol, weight=None):
     """Minimize mean cross-entropy + ||W||^2 / (2 C n), the scikit-learn objective divided by C n.
 
-    weight: per-class weights of the cross-entropy; balanced ones sum to n over the samples, so the
-    weighted mean is scikit-learn's weighted sum divided by n, as without weights.
+    weight: per-class weights of the cross-entropy, summed over the samples and divided by n (not by
+    the weights' sum), so the objective stays scikit-learn's weighted one divided by C n.
 
     tol bounds the largest gradient entry of that mean objective. 1e-3 ranks the Cs of a sweep as
     well as 1e-4 in a third less time, but a refit warm-started from the sweep's solution can stop
@@ -148,7 +152,7 @@ def _lbfgs(X, y, k, C, W0, b0, max_iter, tol, weight=None):
 
     def closure():
         opt.zero_grad()
-        loss = F.cross_entropy(X @ W.T + b, y, weight=weight) + penalty * (W * W).sum()
+        loss = F.cross_entropy(X @ W.T + b, y, weight=weight, reduction="sum") / n + penalty * (W * W).sum()
         loss.backward()
         return loss
 
@@ -163,6 +167,8 @@ class _TrainedHead(_TorchClassifier):
         raise NotImplementedError
 
     def fit(self, X, y):
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be positive, not {self.epochs}")
         X, y = self._encode(X, y)
         dev = resolve_device(self.device)
         gen = torch.Generator().manual_seed(self.random_state)

@@ -36,7 +36,7 @@ def test_extract_workers_and_fit_options(run_cli, tmp_path, mixed_folder):
     assert m["hyperparameters"]["epochs"] == 2
     m = json.loads(run_cli("fit", *cache, "--head", "knn", "--k", "5", "--json", "--out", tmp_path / "c").stdout)
     assert m["hyperparameters"]["k"] == 5
-    assert_one_line_error(run_cli("fit", *cache, "--C", "-1", "--out", tmp_path / "bad"), "C must be positive")
+    assert_one_line_error(run_cli("fit", *cache, "--C", "-1", "--out", tmp_path / "bad"), "--C must be a positive")
     assert not (tmp_path / "bad").exists()
     image = next((data / "test").rglob("*.jpg"))
     assert_one_line_error(run_cli("predict", "--head", tmp_path / "a", image, "--top-k", "0"), "--top-k")

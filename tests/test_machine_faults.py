@@ -201,3 +201,102 @@ def test_cache_ls_shows_leftovers_of_dead_runs_and_rm_removes_them(run_cli, tmp_
     for leftover in list(cache.iterdir()):
         assert run_cli("cache", "rm", leftover).exit_code == 0
     assert list(cache.iterdir()) == []
+
+
+def test_read_only_folders_that_exist_are_one_line_everywhere_and_a_complete_cache_is_still_read(
+        run_cli, small_disk, data, tmp_path):
+    """Found by trying to break the above: an existing folder on a read-only disk, for every writer."""
+    mount, remount = small_disk
+    args = [*TINY, "--dataset", f"folder:{data}"]
+    assert run_cli("extract", *args).exit_code == 0
+    assert run_cli("fit", *args, "--head", "knn", "--out", "run").exit_code == 0
+    disk = mount(8_000_000)
+    for folder in ("c", "run", "cmp", "plot"):
+        (disk / folder).mkdir()
+    [cache_file] = (tmp_path / "cache").glob("*.h5")
+    (disk / "c" / cache_file.name).write_bytes(cache_file.read_bytes())
+    remount(disk, "ro")
+    assert "cache hit" in run_cli("extract", *args, "--cache-dir", disk / "c").output  # read, not locked
+    assert_one_line_error(run_cli("extract", *args, "--cache-dir", disk / "c", "--force"), "Read-only")
+    assert_one_line_error(run_cli("fit", *args, "--head", "knn", "--out", disk / "run"), "Read-only")
+    assert_one_line_error(run_cli("compare", "run", "--out", disk / "cmp"), "Read-only")
+    assert_one_line_error(run_cli("compare", "run", "--out", "cmp", "--plot", disk / "plot"), "Read-only")
+    assert_one_line_error(run_cli("cache", "rm", disk / "c" / cache_file.name), "cannot remove", "Read-only")
+
+
+def test_a_full_disk_for_compare_plots_is_one_line(run_cli, small_disk, data):
+    mount, _ = small_disk
+    args = [*TINY, "--dataset", f"folder:{data}"]
+    assert run_cli("extract", *args).exit_code == 0
+    assert run_cli("fit", *args, "--head", "knn", "--out", "run").exit_code == 0
+    disk = mount(40_000)
+    assert_one_line_error(run_cli("compare", "run", "--plot", disk / "plot"), "not enough disk space", "accuracy.png")
+    assert _leftovers(disk) == []
+
+
+def test_bad_weights_leave_no_lock_file_and_a_leftover_is_removed_alone(run_cli, tmp_path):
+    (tmp_path / "notes.txt").write_text("notes")
+    data = copy_sample(tmp_path / "d", per_class=2, test_per_class=1)
+    result = run_cli("extract", "--model", "resnet18", "--resolution", "32", "--dataset", f"folder:{data}",
+                     "--weights", "notes.txt")
+    assert_one_line_error(result, "not a PyTorch checkpoint")
+    assert list((tmp_path / "cache").iterdir()) == []  # nothing written, not even the lock
+    assert run_cli("extract", *TINY, "--dataset", f"folder:{data}").exit_code == 0
+    [cache_file] = (tmp_path / "cache").glob("*.h5")
+    leftover = cache_file.with_name(cache_file.name + ".tmp")
+    leftover.write_bytes(b"half")
+    assert run_cli("cache", "rm", leftover).exit_code == 0
+    assert not leftover.exists() and cache_file.exists()  # the complete cache beside it stays
+
+
+def test_a_state_dict_with_another_classifier_or_inside_a_checkpoint_loads(tmp_path):
+    import torchvision
+
+    from probe.backbones import create_backbone
+
+    torch.manual_seed(3)
+    trained = torchvision.models.resnet18(num_classes=10)  # fine-tuned for 10 classes: fc of another shape
+    torch.save({"model": trained.state_dict(), "epoch": 7}, tmp_path / "ckpt.pt")
+    net = create_backbone("resnet18", str(tmp_path / "ckpt.pt"), 32)
+    x = torch.rand(2, 3, 32, 32)
+    trained.fc = torch.nn.Identity()
+    with torch.inference_mode():
+        torch.testing.assert_close(net(x), trained.eval()(x))
+
+
+def test_selected_classes_without_test_images_and_bad_numbers_are_one_line(run_cli, tmp_path):
+    data = copy_sample(tmp_path / "d", per_class=3, test_per_class=1, classes=["cat", "dog", "frog"])
+    for f in [*(data / "test" / "dog").iterdir(), *(data / "test" / "frog").iterdir()]:
+        f.unlink()
+    args = [*TINY, "--dataset", f"folder:{data}"]
+    assert run_cli("extract", *args).exit_code == 0
+    assert_one_line_error(run_cli("fit", *args, "--classes", "dog,frog"), "no test images of the selected classes")
+    assert_one_line_error(run_cli("finetune", *args, "--classes", "dog,frog", "--epochs", "1"),
+                          "no test images of the selected classes")
+    for option, value in (("--C", "inf"), ("--epochs", "0"), ("--seed", "-1")):
+        assert_one_line_error(run_cli("fit", *args, "--head", "linear", option, value), option)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_decompression_bomb_is_named_and_the_other_images_are_predicted(run_cli, sample_cache, tmp_path):
+    from PIL import Image
+
+    from probe.data import SAMPLE_DIR
+    from probe.fit import fit
+
+    fit(features=str(sample_cache), head="knn", out=str(tmp_path / "run"))
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (30000, 30000)).save(bomb)  # a tiny file whose pixels would take 2.7 GB as RGB
+    image = SAMPLE_DIR / "test" / "cat" / "0000.jpg"
+    result = run_cli("predict", "--head", tmp_path / "run", bomb, image)
+    assert result.exit_code == 2 and "bomb.png" in result.stderr and "Traceback" not in result.output
+    assert result.stdout.startswith(str(image))
+
+
+def test_finetune_on_a_train_only_folder_records_its_held_out_split(run_cli, tmp_path):
+    data = copy_sample(tmp_path / "d", per_class=4, classes=["cat", "dog"])
+    result = run_cli("finetune", *TINY, "--dataset", f"folder:{data}", "--strategy", "linear", "--epochs", "1",
+                     "--test-fraction", "0.5", "--json", "--out", "ft")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout)
+    assert metrics["n_test"] == 4 and metrics["n_train"] == 4 and "0.5 of each class" in metrics["test_split"]
