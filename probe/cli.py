@@ -258,6 +258,7 @@ def cache_rm(paths):
 @click.option("--init-head", help="lp-ft: start the classifier from this probe fit head (logreg or linear).")
 @click.option("--test-fraction", type=float,
               help="Data sets without a test split: the share of train held out as one, as probe fit. [default: 0.2]")
+@click.option("--bn", help="frozen (BatchNorm statistics and affine parameters kept from pretraining) or train.")
 @click.option("--device", help="auto, cpu or cuda. [default: auto]")
 @click.option("--out", help="Run folder. [default: runs/finetune__<dataset>__<model>__<strategy>]")
 @click.option("--resume", is_flag=True, default=None, help="Continue from the run folder's last checkpoint.")

@@ -36,6 +36,7 @@ STRATEGIES = ("linear", "partial", "full", "lp-ft")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "step")
 AUGMENTATIONS = ("rrc", "crop", "none")
+BN_MODES = ("frozen", "train")
 
 
 class Classifier(nn.Module):
@@ -54,11 +55,20 @@ class Classifier(nn.Module):
         return self.fc(self.backbone(x))
 
 
-def set_trainable(model: Classifier, strategy: str, last_stage: tuple[str, ...], unfreeze: tuple[str, ...] = ()) -> None:
-    """Mark which parameters train: the classifier always; `partial` adds the last stage and `unfreeze`."""
+def set_trainable(model: Classifier, strategy: str, last_stage: tuple[str, ...], unfreeze: tuple[str, ...] = (),
+                  bn: str = "train") -> None:
+    """Mark which parameters train: the classifier always; `partial` adds the last stage and `unfreeze`.
+
+    bn="frozen": BatchNorm layers keep their pretrained affine parameters too, and so (train_mode puts
+    modules without trainable parameters in eval mode) their pretrained running statistics.
+    """
     prefixes = {"linear": (), "lp-ft": (), "partial": tuple(last_stage) + tuple(unfreeze), "full": ("",)}[strategy]
     for name, p in model.backbone.named_parameters():
         p.requires_grad_(any(name.startswith(pre) for pre in prefixes))
+    if bn == "frozen":
+        for module in model.backbone.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.requires_grad_(False)
     model.fc.requires_grad_(True)
 
 
@@ -162,7 +172,7 @@ def finetune(*, strategy: str = "partial", model: str = "resnet18", dataset: str
              lr: float = 1e-4, head_lr: float = 1e-3, weight_decay: float = 1e-4, schedule: str = "cosine",
              augmentation: str = "rrc", unfreeze: tuple[str, ...] = (), init_head: str | None = None,
              device: str = "auto", out: str | None = None, runs_dir: str = "runs", resume: bool = False,
-             test_fraction: float | None = None, progress: bool = True) -> FitResult:
+             test_fraction: float | None = None, bn: str = "train", progress: bool = True) -> FitResult:
     """Fine-tune `model` on `dataset` with `strategy`; metrics, history and checkpoints go to `out`.
 
     lp-ft: `lp_epochs` (default half of `epochs`) train the classifier alone (starting from the
@@ -170,7 +180,8 @@ def finetune(*, strategy: str = "partial", model: str = "resnet18", dataset: str
     A checkpoint is written after each epoch; resume=True continues from it.
     """
     for value, allowed, what in ((strategy, STRATEGIES, "strategy"), (optimizer, OPTIMIZERS, "optimizer"),
-                                 (schedule, SCHEDULES, "schedule"), (augmentation, AUGMENTATIONS, "augmentation")):
+                                 (schedule, SCHEDULES, "schedule"), (augmentation, AUGMENTATIONS, "augmentation"),
+                                 (bn, BN_MODES, "--bn")):
         if value not in allowed:
             raise ProbeError(f"unknown {what} {value!r}: choose one of {', '.join(allowed)}")
     if epochs < 1 or batch_size < 1:
@@ -188,7 +199,7 @@ def finetune(*, strategy: str = "partial", model: str = "resnet18", dataset: str
               "classes": data.classes, "train_per_class": train_per_class, "seed": seed, "epochs": epochs,
               "lp_epochs": lp_epochs, "batch_size": batch_size, "optimizer": optimizer, "lr": lr, "head_lr": head_lr,
               "weight_decay": weight_decay, "schedule": schedule, "augmentation": augmentation,
-              "unfreeze": list(unfreeze), "init_head": init_head, "test_fraction": test_fraction}
+              "unfreeze": list(unfreeze), "init_head": init_head, "test_fraction": test_fraction, "bn": bn}
 
     torch.manual_seed(seed)
     net = Classifier(model, weights, size, len(data.classes))
@@ -224,7 +235,7 @@ def finetune(*, strategy: str = "partial", model: str = "resnet18", dataset: str
         stage_start = 0 if stage != "ft" else lp_epochs
         if len(history) >= stage_end:
             continue  # finished before a resume
-        set_trainable(net, stage_strategy, spec.last_stage, unfreeze)
+        set_trainable(net, stage_strategy, spec.last_stage, unfreeze, bn)
         opt, sched = _optimizer(net, optimizer, schedule, lr, head_lr, weight_decay, stage_end - stage_start, stage)
         if state and state["stage"] == stage:
             net.load_state_dict(state["model"])
@@ -247,7 +258,7 @@ def finetune(*, strategy: str = "partial", model: str = "resnet18", dataset: str
                      on_epoch_end=on_epoch_end, amp=amp, progress=progress, desc=f"finetune {stage or strategy}")
         state = None
 
-    set_trainable(net, "full" if strategy == "lp-ft" else strategy, spec.last_stage, unfreeze)
+    set_trainable(net, "full" if strategy == "lp-ft" else strategy, spec.last_stage, unfreeze, bn)
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
     wall = time.perf_counter() - t_start
     metrics = {

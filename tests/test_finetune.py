@@ -57,6 +57,18 @@ def test_frozen_parameters_and_batchnorm_buffers_do_not_move(tiny, tmp_path):
         assert moved == name.startswith("layer4"), name  # running means/vars included
 
 
+def test_bn_frozen_keeps_every_batchnorm_statistic_and_affine_parameter_while_the_rest_trains(tiny, tmp_path):
+    before = Classifier("resnet18", "none", 32, 3).backbone.state_dict()
+    _run(tiny, tmp_path, "full", epochs=2, bn="frozen")
+    after = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)["model"]
+    for name, tensor in before.items():
+        is_bn = ".bn" in name or name.startswith("bn1") or ".downsample.1." in name
+        moved = not torch.equal(tensor, after[f"backbone.{name}"])
+        assert moved == (not is_bn), name  # running statistics and num_batches_tracked included
+    with pytest.raises(ProbeError, match="--bn"):
+        _run(tiny, tmp_path, "full", bn="sometimes")
+
+
 def test_train_mode_keeps_frozen_batchnorm_in_eval():
     net = Classifier("resnet18", "none", 32, 3)
     set_trainable(net, "partial", ("layer4",))
