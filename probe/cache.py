@@ -38,10 +38,14 @@ SPLITS = ("train", "test")
 
 
 def cache_key(*, dataset: str, fingerprint: str, model: str, weights: str, resolution: int,
-              preprocessing: dict, dtype: str) -> dict:
-    """Everything that changes the features; any change gives another file."""
-    return {"dataset": dataset, "fingerprint": fingerprint, "model": model, "weights": weights,
-            "resolution": resolution, "preprocessing": preprocessing, "dtype": dtype, "probe_format": FORMAT}
+              preprocessing: dict, dtype: str, views: int = 0, augment: str | None = None) -> dict:
+    """Everything that changes the features; any change gives another file. Augmented views enter
+    the key only when there are some, so caches without views keep the names they always had."""
+    key = {"dataset": dataset, "fingerprint": fingerprint, "model": model, "weights": weights,
+           "resolution": resolution, "preprocessing": preprocessing, "dtype": dtype, "probe_format": FORMAT}
+    if views:
+        key.update(views=views, augment=augment)
+    return key
 
 
 def key_hash(key: dict) -> str:
@@ -53,7 +57,9 @@ def cache_path(cache_dir: str | os.PathLike, key: dict) -> Path:
     dataset = key["dataset"]
     if dataset.startswith("folder:"):
         dataset = "folder-" + Path(dataset[len("folder:"):]).name
-    parts = [dataset, key["model"], key["weights"], f"r{key['resolution']}", key["dtype"], key_hash(key)]
+    parts = [dataset, key["model"], key["weights"], f"r{key['resolution']}", key["dtype"]]
+    parts += [f"{key['views']}x{key['augment']}"] if key.get("views") else []
+    parts.append(key_hash(key))
     return Path(cache_dir) / ("__".join(re.sub(r"[^A-Za-z0-9._-]+", "-", p) for p in parts) + ".h5")
 
 
@@ -121,7 +127,7 @@ class PartialCache:
         tmp = self.final.with_name(self.final.name + ".tmp")
         # HDF5 cannot survive a write that fails for lack of space (it crashed in testing): check first.
         # The shards stay until the file is in place, so the peak is about twice the cache's size.
-        shard_bytes = sum(p.stat().st_size for split in labels for _, _, p in self.shards(split))
+        shard_bytes = sum(p.stat().st_size for split in [*labels, *self.view_splits()] for _, _, p in self.shards(split))
         check_space(self.final.parent, shard_bytes + sum(8 * len(v) for v in labels.values()) + (1 << 20),
                     f"assembling {self.final.name} (the shards in {self.dir.name} are kept)")
         try:
@@ -135,14 +141,27 @@ class PartialCache:
         shutil.rmtree(self.dir, ignore_errors=True)
         return self.final
 
+    def view_splits(self) -> list[str]:
+        """The shard series of the augmented training views, view0, view1, ..."""
+        return [f"view{v}" for v in range(self.key.get("views", 0))]
+
     def _assemble(self, tmp: Path, classes, labels, feature_dim, versions, weights_path) -> None:
         with h5py.File(tmp, "w") as f:
+            for v, split in enumerate(self.view_splits()):  # train/views [K, N, D], one view at a time in memory
+                features = self.read(split)
+                if len(features) != len(labels["train"]):
+                    raise ProbeError(f"{split}: {len(features)} features for {len(labels['train'])} images in {self.dir}")
+                if v == 0:
+                    rows = max(1, min(len(features), (1 << 20) // (feature_dim * features.itemsize)))
+                    views = f.create_dataset("train/views", shape=(len(self.view_splits()), *features.shape),
+                                             dtype=features.dtype, chunks=(1, rows, feature_dim))
+                views[v] = features
             for split, split_labels in labels.items():
                 features = self.read(split)
                 if len(features) != len(split_labels):
                     raise ProbeError(f"{split}: {len(features)} features for {len(split_labels)} labels in {self.dir}")
                 rows = max(1, min(len(features), (1 << 20) // (feature_dim * features.itemsize)))
-                group = f.create_group(split)
+                group = f.require_group(split)
                 group.create_dataset("features", data=features, chunks=(rows, feature_dim))
                 group.create_dataset("labels", data=split_labels.astype(np.int64), chunks=(min(len(split_labels), 1 << 16),))
             key = self.key
@@ -152,6 +171,7 @@ class PartialCache:
                 "preprocessing": json.dumps(key["preprocessing"]), "dataset": key["dataset"],
                 "fingerprint": key["fingerprint"], "dtype": key["dtype"], "feature_dim": feature_dim,
                 "classes": json.dumps(classes), "versions": json.dumps(versions), "weights_path": weights_path,
+                "views": key.get("views", 0), "augment": key.get("augment") or "",
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             })
             f.attrs["complete"] = True  # last, after everything else is in the file
@@ -170,6 +190,22 @@ class FeatureCache:
     @property
     def key(self) -> dict:
         return json.loads(self.attrs["key"])
+
+    @property
+    def views(self) -> int:
+        """How many augmented views of each training image the file holds (train/views [K, N, D])."""
+        return int(self.attrs.get("views", 0))
+
+    def load_views(self, count: int | None = None) -> np.ndarray:
+        """The first `count` (default all) augmented views of the training images: [count, N, D]."""
+        count = self.views if count is None else count
+        if not 0 <= count <= self.views:
+            raise ProbeError(f"--views {count}, but {self.path.name} holds {self.views} view(s) of each training image")
+        try:
+            with h5py.File(self.path, "r") as f:
+                return f["train/views"][:count] if count else np.empty((0, 0, self.feature_dim), np.float32)
+        except (OSError, KeyError) as e:
+            raise ProbeError(f"cache {self.path} is corrupt ({e}); delete it and run probe extract again") from None
 
     def load(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         if split not in self.splits:
@@ -204,6 +240,10 @@ def open_cache(path: str | os.PathLike) -> FeatureCache:
                 if features.ndim != 2 or features.shape[1] != dim or labels.shape != (features.shape[0],):
                     raise ProbeError(f"cache {path}: {s} features {features.shape} and labels {labels.shape} "
                                      f"do not fit width {dim}; {fix}")
+            views = int(attrs.get("views", 0))
+            if views and f["train/views"].shape != (views, *f["train/features"].shape):
+                raise ProbeError(f"cache {path}: train/views {f['train/views'].shape} does not hold {views} views "
+                                 f"of {f['train/features'].shape}; {fix}")
     except ProbeError:
         raise
     except (OSError, KeyError, ValueError, TypeError) as e:

@@ -99,6 +99,9 @@ def models():
 @click.option("--batch-size", type=int, help="Images per forward pass. [default: 64 on CPU, 256 on CUDA]")
 @click.option("--workers", "num_workers", type=int, help="DataLoader workers for large images. [default: cores, at most 8]")
 @click.option("--force", is_flag=True, default=None, help="Extract again even if a complete cache exists.")
+@click.option("--views", type=int, help="Also store this many augmented views of each training image. [default: 0]")
+@click.option("--augment", help="The views' augmentation: rrc (RandomResizedCrop 0.6-1 + flip), crop "
+                                "(RandomCrop pad 4 + flip) or flip. [default: rrc]")
 @click.pass_obj
 @_errors_to_exit_codes
 def extract(obj, **options):
@@ -130,6 +133,7 @@ def extract(obj, **options):
 @click.option("--C", "C", type=float, help="logreg: this regularization strength instead of the sweep.")
 @click.option("--k", type=int, help="knn: neighbours. [default: 20]")
 @click.option("--epochs", type=int, help="linear/mlp: epochs. [default: 10]")
+@click.option("--views", type=int, help="Train on the first N augmented views the cache holds. [default: all of them]")
 @click.option("--class-weight", type=click.Choice(["balanced"]),
               help="logreg/linear/mlp: weight classes by n / (classes x count), scikit-learn's 'balanced'.")
 @click.option("--test-fraction", type=float,
@@ -246,7 +250,8 @@ def cache_rm(paths):
 @click.option("--train-per-class", type=int, help="A balanced, seeded subset of N training images per class.")
 @click.option("--seed", type=int, help="Seed of the subset, the new layer, the shuffling. [default: 0]")
 @click.option("--epochs", type=int, help="Epochs in all (lp-ft: both stages). [default: 10]")
-@click.option("--lp-epochs", type=int, help="lp-ft: epochs of the head-only stage. [default: half of --epochs]")
+@click.option("--lp-epochs", type=int,
+              help="lp-ft: epochs of the head-only stage. [default: 0 with --init-head, else half of --epochs]")
 @click.option("--batch-size", type=int, help="[default: 64]")
 @click.option("--optimizer", help="adamw or sgd (momentum 0.9). [default: adamw]")
 @click.option("--lr", type=float, help="Backbone learning rate. [default: 1e-4]")
@@ -258,7 +263,8 @@ def cache_rm(paths):
 @click.option("--init-head", help="lp-ft: start the classifier from this probe fit head (logreg or linear).")
 @click.option("--test-fraction", type=float,
               help="Data sets without a test split: the share of train held out as one, as probe fit. [default: 0.2]")
-@click.option("--bn", help="frozen (BatchNorm statistics and affine parameters kept from pretraining) or train.")
+@click.option("--bn", help="frozen (BatchNorm statistics and affine parameters kept from pretraining) or train. "
+                           "[default: frozen]")
 @click.option("--device", help="auto, cpu or cuda. [default: auto]")
 @click.option("--out", help="Run folder. [default: runs/finetune__<dataset>__<model>__<strategy>]")
 @click.option("--resume", is_flag=True, default=None, help="Continue from the run folder's last checkpoint.")

@@ -9,6 +9,7 @@ so an image gets the same pixels whichever way it reaches the backbone.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import pickle
 import warnings
@@ -189,6 +190,42 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         raise ProbeError(f"cannot read image {path}: {e.__class__.__name__}: {e}; delete or replace that file") from None
 
 
+AUGMENTATIONS = ("rrc", "crop", "flip", "none")
+
+
+def augment(images: torch.Tensor, size: int, kind: str, rand: torch.Tensor) -> torch.Tensor:
+    """Random crops and flips of a float batch [B, 3, H, W], resampled to size x size in one grid_sample.
+
+    rand: [B, 5] uniform numbers, one row per image (area, aspect ratio, x, y, flip), so a view is a
+    function of its numbers alone, whatever the batch. rrc: RandomResizedCrop(scale 0.6-1, ratio
+    3/4-4/3) + flip. crop: RandomCrop(H, padding 4) + flip before the resize (the CIFAR recipe).
+    flip: horizontal flip only. none: the evaluation transform.
+    """
+    if kind == "none":
+        return resize_center_crop(images, size)
+    b, _, h, w = images.shape
+    rand = rand.to(images.device)
+    flip = torch.where(rand[:, 4] < 0.5, -1.0, 1.0)
+    ones, zeros = torch.ones(b, device=images.device), torch.zeros(b, device=images.device)
+    if kind == "rrc":
+        area = 0.6 + 0.4 * rand[:, 0]
+        ratio = torch.exp(math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * rand[:, 1])
+        sx, sy = (area * ratio).sqrt().clamp(max=1), (area / ratio).sqrt().clamp(max=1)  # fractions of width, height
+        tx, ty = (1 - sx) * (2 * rand[:, 2] - 1), (1 - sy) * (2 * rand[:, 3] - 1)
+    elif kind == "crop":  # a crop of the original size, shifted by up to 4 pixels, zero padding
+        sx = sy = ones
+        tx = (torch.round(8 * rand[:, 2]) - 4) * 2 / w
+        ty = (torch.round(8 * rand[:, 3]) - 4) * 2 / h
+    elif kind == "flip":
+        sx, sy, tx, ty = ones, ones, zeros, zeros
+    else:
+        raise ProbeError(f"unknown augmentation {kind!r}: choose one of {', '.join(AUGMENTATIONS)}")
+    theta = torch.zeros(b, 2, 3, device=images.device)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sx * flip, tx, sy, ty
+    grid = F.affine_grid(theta, (b, 3, size, size), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
 def resize_center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
     """Resize float images [N, 3, H, W] so the shorter side is `size`, then center-crop to size x size."""
     h, w = images.shape[-2:]
@@ -215,8 +252,14 @@ class _DecodeResize(torch.utils.data.Dataset):
         return resize_center_crop(image, self.size)[0]
 
 
-def iter_batches(split: Split, size: int, batch_size: int, device: torch.device, start: int = 0, num_workers: int | None = None):
-    """Yield float image batches [B, 3, size, size] in [0, 255] on `device`, from row `start` on."""
+def iter_batches(split: Split, size: int, batch_size: int, device: torch.device, start: int = 0,
+                 num_workers: int | None = None, transform=None):
+    """Yield float image batches [B, 3, size, size] in [0, 255] on `device`, from row `start` on.
+
+    transform(images, row): instead of the evaluation transform, e.g. an augmentation of the batch
+    whose first image is row `row`. Small images reach it at their own size, large ones already
+    resized and center-cropped to `size` by the workers.
+    """
     if split.pixels is not None:
         pin = device.type == "cuda"
         for i in range(start, len(split), batch_size):
@@ -224,12 +267,15 @@ def iter_batches(split: Split, size: int, batch_size: int, device: torch.device,
             if pin:
                 batch = batch.pin_memory()
             batch = batch.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
-            yield resize_center_crop(batch, size)
+            yield resize_center_crop(batch, size) if transform is None else transform(batch, i)
         return
     workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
     loader = torch.utils.data.DataLoader(
         _DecodeResize(split.paths[start:], size), batch_size=batch_size, num_workers=workers,
         pin_memory=device.type == "cuda",
     )
+    row = start
     for batch in loader:
-        yield batch.to(device, non_blocking=True)
+        batch = batch.to(device, non_blocking=True)
+        yield batch if transform is None else transform(batch, row)
+        row += len(batch)

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from probe.backbones import create_backbone, get_spec, weights_identity
 from probe.cache import PartialCache, cache_key, cache_path, open_cache
-from probe.data import decode_small, iter_batches, load_dataset
+from probe.data import AUGMENTATIONS, augment, decode_small, iter_batches, load_dataset
 from probe.device import is_out_of_memory, out_of_memory_error, resolve_device
 from probe.errors import ProbeError
 from probe.files import lock as file_lock
@@ -43,33 +43,40 @@ class ExtractResult:
 
 def resolve_cache(*, model: str = "resnet18", dataset: str = "cifar10", weights: str = "default",
                   resolution: int | None = None, dtype: str = "float32", data_dir: str = "data",
-                  cache_dir: str = "cache", download: bool = True):
+                  cache_dir: str = "cache", download: bool = True, views: int = 0, augment: str = "rrc"):
     """Load the data set and work out the cache file its features belong in: (dataset, key, path)."""
     spec = get_spec(model)
     if dtype not in DTYPES:
         raise ProbeError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    if views < 0 or augment not in AUGMENTATIONS or augment == "none":
+        raise ProbeError(f"--views must be 0 or more and --augment one of {', '.join(AUGMENTATIONS[:-1])}, "
+                         f"not {views} and {augment!r}")
     if resolution is not None and resolution < 16:
         raise ProbeError(f"resolution must be at least 16, not {resolution}")
     data = load_dataset(dataset, data_dir=data_dir, download=download)
     key = cache_key(dataset=data.name, fingerprint=data.fingerprint, model=model, weights=weights_identity(weights),
-                    resolution=resolution or spec.resolution, preprocessing=spec.preprocessing, dtype=dtype)
+                    resolution=resolution or spec.resolution, preprocessing=spec.preprocessing, dtype=dtype,
+                    views=views, augment=augment)
     return data, key, cache_path(cache_dir, key)
 
 
 def extract(*, model: str = "resnet18", dataset: str = "cifar10", weights: str = "default",
             resolution: int | None = None, data_dir: str = "data", cache_dir: str = "cache",
             device: str = "auto", batch_size: int | None = None, dtype: str = "float32",
-            num_workers: int | None = None, force: bool = False, progress: bool = True) -> ExtractResult:
+            num_workers: int | None = None, force: bool = False, views: int = 0, augment: str = "rrc",
+            progress: bool = True) -> ExtractResult:
     """Run backbone `model` over both splits of `dataset` and write the features to the cache.
 
-    A complete cache file with the same key is reused (no backbone pass) unless `force`. An
-    interrupted run resumes from its last whole shard. Returns where the file is and what it cost.
+    views: also store this many augmented views (`augment`: rrc, crop or flip) of every training
+    image, in train/views; the test split is only ever the evaluation transform. A complete cache file
+    with the same key is reused (no backbone pass) unless `force`. An interrupted run resumes from its
+    last whole shard. Returns where the file is and what it cost.
     """
     if batch_size is not None and batch_size < 1:
         raise ProbeError(f"batch size must be positive, not {batch_size}")
     dev = resolve_device(device)
     data, key, path = resolve_cache(model=model, dataset=dataset, weights=weights, resolution=resolution,
-                                    dtype=dtype, data_dir=data_dir, cache_dir=cache_dir)
+                                    dtype=dtype, data_dir=data_dir, cache_dir=cache_dir, views=views, augment=augment)
     if path.exists() and not force and not os.access(path.parent, os.W_OK):
         open_cache(path)  # a complete cache on read-only storage: read it, no lock needed
         return ExtractResult(path, reused=True)
@@ -146,21 +153,28 @@ def _run(data, key, path, weights, dev, batch_size, num_workers, resume, progres
     store = np.float16 if key["dtype"] == "float16" else np.float32
     parts = PartialCache(path, key)
     parts.start(resume=resume)
-    todo = {s: len(split) - parts.rows_done(s) for s, split in data.splits.items()}
-    if sum(todo.values()) < sum(len(s) for s in data.splits.values()):
+    # One pass per split, then one per augmented view of the training images (views are seeded per
+    # view and image, so a resumed pass repeats exactly what a straight one would have drawn).
+    passes = [(name, split, None) for name, split in data.splits.items()]
+    passes += [(name, data.splits["train"], _view_transform(len(data.splits["train"]), size, key["augment"], v))
+               for v, name in enumerate(parts.view_splits())]
+    todo = {name: len(split) - parts.rows_done(name) for name, split, _ in passes}
+    if sum(todo.values()) < sum(len(split) for _, split, _ in passes):
         log.info(f"resuming {path.name}: {sum(todo.values())} images left")
+    decoded = {}
     result = ExtractResult(path, reused=False)
     bar = tqdm(total=sum(todo.values()), unit="img", desc=f"extract {key['model']}", disable=not progress)
     t0 = time.perf_counter()
     try:
         with bar:
-            for name, split in data.splits.items():
+            for name, split, transform in passes:
                 row = parts.rows_done(name)
                 if row == len(split):
                     continue
-                split = decode_small(split)
+                split = decoded.setdefault(id(split), decode_small(split))  # the views reuse train's pixels
                 pending, shard_start, last_flush = [], row, time.perf_counter()
-                for images in iter_batches(split, size, batch_size, dev, start=row, num_workers=num_workers):
+                for images in iter_batches(split, size, batch_size, dev, start=row, num_workers=num_workers,
+                                           transform=transform):
                     pending.append(embed.in_pieces(images).cpu().numpy().astype(store, copy=False))
                     row += len(images)
                     bar.update(len(images))
@@ -179,6 +193,15 @@ def _run(data, key, path, weights, dev, batch_size, num_workers, resume, progres
                  feature_dim=embed.spec.feature_dim, versions=_versions(),
                  weights_path="" if weights in ("default", "none") else str(Path(weights).resolve()))
     return result
+
+
+VIEW_SEED = 1_000_003  # view v draws its crops from the generator seeded VIEW_SEED + v
+
+
+def _view_transform(n_images: int, size: int, kind: str, view: int):
+    """The augmentation of view `view`: each image's random numbers fixed by (view, row)."""
+    rand = torch.rand(n_images, 5, generator=torch.Generator().manual_seed(VIEW_SEED + view))
+    return lambda images, row: augment(images, size, kind, rand[row:row + len(images)])
 
 
 def _versions() -> dict:

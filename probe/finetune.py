@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime
 import io
-import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from probe.backbones import create_backbone, get_spec
-from probe.data import Split, decode_small, iter_batches, load_dataset, read_image, resize_center_crop
+from probe.data import (AUGMENTATIONS, Split, augment, decode_small, iter_batches, load_dataset, read_image,
+                        resize_center_crop)
 from probe.errors import ProbeError
 from probe.device import resolve_device
 from probe.files import atomic_write, make_dir
@@ -35,7 +35,6 @@ from probe.train import train_epochs
 STRATEGIES = ("linear", "partial", "full", "lp-ft")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("cosine", "step")
-AUGMENTATIONS = ("rrc", "crop", "none")
 BN_MODES = ("frozen", "train")
 
 
@@ -79,32 +78,6 @@ def train_mode(model: nn.Module) -> None:
         params = list(module.parameters())
         if params and not any(p.requires_grad for p in params):
             module.eval()
-
-
-def augment(images: torch.Tensor, size: int, kind: str, generator: torch.Generator) -> torch.Tensor:
-    """Random crops and flips of a float batch [B, 3, H, W], resampled to size x size in one grid_sample.
-
-    rrc: RandomResizedCrop(scale 0.6-1, ratio 3/4-4/3) + flip. crop: RandomCrop(H, padding 4) + flip
-    before the resize (the CIFAR recipe). none: the evaluation transform.
-    """
-    if kind == "none":
-        return resize_center_crop(images, size)
-    b, _, h, w = images.shape
-    rand = torch.rand(b, 4, generator=generator).to(images.device)
-    flip = torch.where(rand[:, 3] < 0.5, -1.0, 1.0).to(images.device)
-    if kind == "rrc":
-        area = 0.6 + 0.4 * rand[:, 0]
-        ratio = torch.exp(math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * rand[:, 1])
-        sx, sy = (area * ratio).sqrt().clamp(max=1), (area / ratio).sqrt().clamp(max=1)  # fractions of width, height
-        tx, ty = (1 - sx) * (2 * rand[:, 2] - 1), (1 - sy) * (2 * torch.rand(b, generator=generator).to(images.device) - 1)
-    else:  # a crop of the original size, shifted by up to 4 pixels, zero padding
-        sx = sy = torch.ones(b, device=images.device)
-        tx = (torch.round(8 * rand[:, 0]) - 4) * 2 / w
-        ty = (torch.round(8 * rand[:, 1]) - 4) * 2 / h
-    theta = torch.zeros(b, 2, 3, device=images.device)
-    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sx * flip, tx, sy, ty
-    grid = F.affine_grid(theta, (b, 3, size, size), align_corners=False)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 def _in_memory(split: Split, size: int) -> np.ndarray:
@@ -172,12 +145,17 @@ def finetune(*, strategy: str = "partial", model: str = "resnet18", dataset: str
              lr: float = 1e-4, head_lr: float = 1e-3, weight_decay: float = 1e-4, schedule: str = "cosine",
              augmentation: str = "rrc", unfreeze: tuple[str, ...] = (), init_head: str | None = None,
              device: str = "auto", out: str | None = None, runs_dir: str = "runs", resume: bool = False,
-             test_fraction: float | None = None, bn: str = "train", progress: bool = True) -> FitResult:
+             test_fraction: float | None = None, bn: str = "frozen", curve_test: int | None = None,
+             progress: bool = True) -> FitResult:
     """Fine-tune `model` on `dataset` with `strategy`; metrics, history and checkpoints go to `out`.
 
-    lp-ft: `lp_epochs` (default half of `epochs`) train the classifier alone (starting from the
-    logreg or linear head `init_head` of `probe fit` if given), then every layer trains at head_lr / 10.
-    A checkpoint is written after each epoch; resume=True continues from it.
+    lp-ft: `lp_epochs` train the classifier alone, then every layer trains at head_lr / 10. With
+    `init_head` (a logreg or linear head of `probe fit`, Kumar et al.'s LP to convergence) the classifier
+    starts from it and lp_epochs defaults to 0; without, to half of `epochs`.
+    A checkpoint is written after each epoch; resume=True continues from it. bn: "frozen" keeps every
+    BatchNorm layer's pretrained statistics and affine parameters, "train" trains them with the rest.
+    curve_test: evaluate each epoch on a fixed seeded subset of this many test images (the curve),
+    and only the final model on all of them.
     """
     for value, allowed, what in ((strategy, STRATEGIES, "strategy"), (optimizer, OPTIMIZERS, "optimizer"),
                                  (schedule, SCHEDULES, "schedule"), (augmentation, AUGMENTATIONS, "augmentation"),
@@ -189,7 +167,9 @@ def finetune(*, strategy: str = "partial", model: str = "resnet18", dataset: str
     spec = get_spec(model)
     size = resolution or spec.resolution
     dev = resolve_device(device)
-    lp_epochs = (epochs // 2 if lp_epochs is None else lp_epochs) if strategy == "lp-ft" else 0
+    if lp_epochs is None:  # a head from probe fit is already a converged linear probe: fine-tune from it
+        lp_epochs = 0 if init_head else epochs // 2
+    lp_epochs = lp_epochs if strategy == "lp-ft" else 0
     if not 0 <= lp_epochs <= epochs:
         raise ProbeError(f"--lp-epochs must be between 0 and --epochs ({epochs}), not {lp_epochs}")
     t_start = time.perf_counter()
@@ -215,17 +195,23 @@ def finetune(*, strategy: str = "partial", model: str = "resnet18", dataset: str
         for i in range(0, len(order), batch_size):
             idx = order[i:i + batch_size]
             images = X[idx].to(dev, non_blocking=True).permute(0, 3, 1, 2).float()
-            yield augment(images, size, augmentation, g), y[idx.to(dev)]
+            yield augment(images, size, augmentation, torch.rand(len(idx), 5, generator=g)), y[idx.to(dev)]
 
     test_split = Split(labels=data.test_labels, pixels=data.test_pixels)
+    # The per-epoch curve on a fixed seeded subset of the test images when curve_test is given (cheaper);
+    # the final test accuracy always on all of them.
+    curve_rows = None
+    if curve_test is not None and curve_test < len(data.test_labels):
+        curve_rows = np.sort(np.random.default_rng(seed).choice(len(data.test_labels), curve_test, replace=False))
 
-    def evaluate():
+    def evaluate(rows=None):
+        split = test_split if rows is None else test_split.subset(rows)
         correct = 0
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=amp):
-            for i, images in enumerate(iter_batches(test_split, size, 256, dev)):
-                labels = torch.from_numpy(data.test_labels[i * 256:(i + 1) * 256]).to(dev)
+            for i, images in enumerate(iter_batches(split, size, 256, dev)):
+                labels = torch.from_numpy(split.labels[i * 256:(i + 1) * 256]).to(dev)
                 correct += (net(images).argmax(1) == labels).sum().item()
-        return correct / len(data.test_labels)
+        return correct / len(split)
 
     checkpoint = out_dir / "checkpoint.pt"
     state = _load_checkpoint(checkpoint, config) if resume else None
@@ -253,7 +239,8 @@ def finetune(*, strategy: str = "partial", model: str = "resnet18", dataset: str
                                           "scheduler": sched.state_dict()})
 
         train_epochs(net, lambda e, s=stage_start: batches(e + s), optimizer=opt, scheduler=sched, epochs=stage_end - stage_start,
-                     start_epoch=len(history) - stage_start, train_mode=lambda: train_mode(net), evaluate=evaluate,
+                     start_epoch=len(history) - stage_start, train_mode=lambda: train_mode(net),
+                     evaluate=lambda: evaluate(curve_rows),
                      seed=seed * 1000 + stage_start,
                      on_epoch_end=on_epoch_end, amp=amp, progress=progress, desc=f"finetune {stage or strategy}")
         state = None
@@ -265,7 +252,9 @@ def finetune(*, strategy: str = "partial", model: str = "resnet18", dataset: str
         "kind": "finetune", "method": f"finetune-{strategy}", "model": model, "weights": weights, "resolution": size,
         "dataset": dataset, "classes": data.classes, "n_train": int(len(data.labels)), "n_test": int(len(data.test_labels)),
         "test_split": data.test_split,
-        "test_accuracy": history[-1]["test_accuracy"], "trainable_parameters": trainable,
+        "test_accuracy": history[-1]["test_accuracy"] if curve_rows is None else evaluate(),
+        "curve_test_images": len(data.test_labels) if curve_rows is None else len(curve_rows),
+        "trainable_parameters": trainable,
         "total_parameters": sum(p.numel() for p in net.parameters()), "hyperparameters": config,
         "train_per_class": train_per_class, "seed": seed, "history": history, "lp_epochs": lp_epochs,
         "wall_seconds": wall, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

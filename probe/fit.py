@@ -9,6 +9,7 @@ import json
 import os
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 from pathlib import Path
 
 import joblib
@@ -59,17 +60,27 @@ def find_cache(*, features: str | None = None, model: str | None = None, dataset
 TEST_FRACTION = 0.2  # held out of train as the test split when a data set has none
 
 
+class Selection(NamedTuple):
+    names: list[str]  # the kept classes; labels are indices into it
+    X: np.ndarray
+    y: np.ndarray
+    Xt: np.ndarray
+    yt: np.ndarray
+    test_split: str  # how the test split was made
+    train_rows: np.ndarray  # rows of the cache's train split that X holds (for its augmented views)
+
+
 def select(cache: FeatureCache, *, classes: list[str] | None = None, train_per_class: int | None = None,
-           seed: int = 0, test_fraction: float | None = None):
+           seed: int = 0, test_fraction: float | None = None) -> Selection:
     """Load the splits, keep only `classes` (names or indices), and take a balanced seeded subset of train.
 
     A cache without a test split (a folder with train/ only) gets one: a seeded, stratified
     `test_fraction` (default 0.2) of its training images, held out before anything else sees train.
-    Returns (class names, X_train, y_train, X_test, y_test, how the test split was made); labels are
-    renumbered 0..len(classes)-1.
+    Labels are renumbered 0..len(classes)-1.
     """
     keep = class_indices(cache.classes, classes)
     X, y = cache.load("train")
+    index = np.arange(len(y))
     if "test" in cache.splits:
         if test_fraction is not None:
             raise ProbeError(f"{cache.path.name} has a test split; --test-fraction is for data sets without one")
@@ -80,13 +91,13 @@ def select(cache: FeatureCache, *, classes: list[str] | None = None, train_per_c
         if not 0 < fraction < 1:
             raise ProbeError(f"--test-fraction must be between 0 and 1, not {fraction}")
         train_rows, test_rows = holdout_rows(y, keep, fraction, seed, cache.classes)
-        X, y, Xt, yt = X[train_rows], y[train_rows], X[test_rows], y[test_rows]
+        X, y, Xt, yt, index = X[train_rows], y[train_rows], X[test_rows], y[test_rows], train_rows
         test_split = holdout_description(fraction, len(test_rows), seed)
     remap = np.full(len(cache.classes), -1)
     remap[keep] = np.arange(len(keep))
     rows = balanced_rows(y, keep, train_per_class, seed, cache.classes, cache.path.name)
     if len(rows) < len(y):  # index only for a subset: X[rows] copies the whole feature matrix
-        X, y = X[rows], y[rows]
+        X, y, index = X[rows], y[rows], index[rows]
     y = remap[y]
     test_rows = np.flatnonzero(np.isin(yt, keep))
     if not len(test_rows):
@@ -94,7 +105,7 @@ def select(cache: FeatureCache, *, classes: list[str] | None = None, train_per_c
     if len(test_rows) < len(yt):
         Xt, yt = Xt[test_rows], yt[test_rows]
     yt = remap[yt]
-    return [cache.classes[c] for c in keep], X, y, Xt, yt, test_split
+    return Selection([cache.classes[c] for c in keep], X, y, Xt, yt, test_split, index)
 
 
 def holdout_description(fraction: float, n_test: int, seed: int) -> str:
@@ -158,12 +169,19 @@ def fit(*, head: str = "logreg", features: str | None = None, model: str | None 
         cache_dir: str = "cache", out: str | None = None, classes: list[str] | None = None,
         train_per_class: int | None = None, seed: int = 0, C: float | None = None, k: int | None = None,
         epochs: int | None = None, device: str = "auto", runs_dir: str = "runs",
-        test_fraction: float | None = None, class_weight: str | None = None) -> FitResult:
+        test_fraction: float | None = None, class_weight: str | None = None, views: int | None = None) -> FitResult:
     """Fit head `head` on a feature cache, evaluate it on the test split, and save both under `out`."""
     cache = find_cache(features=features, model=model, dataset=dataset, weights=weights, resolution=resolution,
                        dtype=dtype, data_dir=data_dir, cache_dir=cache_dir)
-    names, X, y, Xt, yt, test_split = select(cache, classes=classes, train_per_class=train_per_class, seed=seed,
-                                             test_fraction=test_fraction)
+    names, X, y, Xt, yt, test_split, train_rows = select(cache, classes=classes, train_per_class=train_per_class,
+                                                         seed=seed, test_fraction=test_fraction)
+    n_images, n_views, fit_params = len(y), cache.views if views is None else views, {}
+    if n_views:  # the augmented views of the same training images, each image a group of n_views + 1 rows
+        stored = cache.load_views(n_views)[:, train_rows]
+        X = np.concatenate([X, stored.reshape(-1, stored.shape[-1])])
+        groups = np.tile(np.arange(n_images), n_views + 1)
+        y = np.tile(y, n_views + 1)
+        fit_params = {"groups": groups}
     for value, what in ((C, "--C"), (epochs, "--epochs"), (k, "--k")):
         if value is not None and not (np.isfinite(value) and value > 0):
             raise ProbeError(f"{what} must be a positive finite number, not {value}")
@@ -179,8 +197,10 @@ def fit(*, head: str = "logreg", features: str | None = None, model: str | None 
     estimator = make_head(head, **params)
     pipeline = estimator if head == "knn" else make_pipeline(StandardScaler(), estimator)  # kNN normalizes itself
     t0 = time.perf_counter()
+    if fit_params and isinstance(pipeline, Pipeline):
+        fit_params = {f"{pipeline.steps[-1][0]}__{k}": v for k, v in fit_params.items()}
     try:
-        pipeline.fit(X, y)
+        pipeline.fit(X, y, **fit_params)
     except ValueError as e:  # the heads raise as scikit-learn estimators do; the CLI wants one line
         raise ProbeError(f"{head} head: {str(e).strip().splitlines()[0]}") from None
     fit_seconds = time.perf_counter() - t0
@@ -191,7 +211,8 @@ def fit(*, head: str = "logreg", features: str | None = None, model: str | None 
     metrics = {
         "kind": "fit", "method": head, "model": key["model"], "weights": key["weights"],
         "resolution": key["resolution"], "dataset": key["dataset"], "cache": str(cache.path),
-        "classes": names, "n_train": int(len(y)), "n_test": int(len(yt)), "test_split": test_split,
+        "classes": names, "n_train": int(n_images), "n_test": int(len(yt)), "test_split": test_split,
+        "views": int(n_views), "augment": cache.key.get("augment") if n_views else None, "n_train_rows": int(len(y)),
         "test_accuracy": float((predicted == yt).mean()),
         # The mean recall per class, as peer benchmarks report beside top-1 (classes with test images).
         "balanced_accuracy": float(np.mean([a for a in per_class.values() if a is not None])),
@@ -206,7 +227,7 @@ def fit(*, head: str = "logreg", features: str | None = None, model: str | None 
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     out_dir = Path(out) if out else Path(runs_dir) / _run_name(cache, head, classes, train_per_class, seed, test_fraction,
-                                                                class_weight)
+                                                                class_weight, views)
     artifact = {"format": HEAD_FORMAT, "pipeline": pipeline, "classes": names, "model": key["model"],
                 "weights": weights_source(cache, weights), "weights_identity": key["weights"], "resolution": key["resolution"],
                 "preprocessing": key["preprocessing"], "feature_dim": cache.feature_dim, "cache": str(cache.path)}
@@ -253,8 +274,11 @@ def _n_parameters(pipeline) -> int:
     return 0
 
 
-def _run_name(cache: FeatureCache, head: str, classes, train_per_class, seed, test_fraction, class_weight) -> str:
+def _run_name(cache: FeatureCache, head: str, classes, train_per_class, seed, test_fraction, class_weight,
+              views) -> str:
     name = f"{cache.path.stem}__{head}"
+    if views is not None:
+        name += f"__views{views}"
     if class_weight:
         name += f"__{class_weight}"
     if test_fraction is not None:

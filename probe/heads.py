@@ -93,19 +93,25 @@ class LogisticProbe(_TorchClassifier):
         self.tol, self.sweep_tol, self.class_weight = tol, sweep_tol, class_weight
         self.random_state, self.device = random_state, device
 
-    def fit(self, X, y):
+    def fit(self, X, y, groups=None):
+        """groups: rows of one group (augmented views of one image) go to the same side of the sweep's
+        validation split, so no view of a validation image is trained on."""
         if self.C is not None and not (np.isfinite(self.C) and self.C > 0):
             raise ValueError(f"C must be a positive finite number, not {self.C}")
         X, y = self._encode(X, y)
         dev = resolve_device(self.device)
         k = len(self.classes_)
-        too_few = np.bincount(y).min() < 2 or int(len(y) * self.val_fraction) < k
+        group_ids, first = np.unique(groups, return_index=True) if groups is not None else (None, np.arange(len(y)))
+        too_few = np.bincount(y[first]).min() < 2 or int(len(first) * self.val_fraction) < k
         if self.C is not None or too_few:  # too few samples to hold out a stratified validation split
             self.C_, self.sweep_ = float(self.C if self.C is not None else 1.0), []
             W = b = None
         else:
-            tr, va = train_test_split(np.arange(len(y)), test_size=self.val_fraction, stratify=y,
+            tr, va = train_test_split(np.arange(len(first)), test_size=self.val_fraction, stratify=y[first],
                                       random_state=self.random_state)
+            if groups is not None:  # split the groups, then take every row of each
+                in_val = np.isin(groups, group_ids[va])
+                tr, va = np.flatnonzero(~in_val), np.flatnonzero(in_val)
             Xt, yt = torch.from_numpy(X[tr]).to(dev), torch.from_numpy(y[tr]).to(dev)
             Xv, yv = torch.from_numpy(X[va]).to(dev), torch.from_numpy(y[va]).to(dev)
             weight = self._class_weights(y[tr], dev)
@@ -176,7 +182,7 @@ class _TrainedHead(_TorchClassifier):
     def _module(self, d: int, k: int) -> nn.Module:
         raise NotImplementedError
 
-    def fit(self, X, y):
+    def fit(self, X, y, groups=None):  # groups: no validation split here, nothing to keep apart
         if self.epochs < 1:
             raise ValueError(f"epochs must be positive, not {self.epochs}")
         X, y = self._encode(X, y)
@@ -245,7 +251,7 @@ class CosineKNN(_TorchClassifier):
     def __init__(self, k: int = 20, chunk: int = 1024, device: str = "auto"):
         self.k, self.chunk, self.device = k, chunk, device
 
-    def fit(self, X, y):
+    def fit(self, X, y, groups=None):  # groups: no validation split here, nothing to keep apart
         X, y = self._encode(X, y)
         if self.k < 1:
             raise ValueError(f"k must be positive, not {self.k}")

@@ -9,7 +9,8 @@ from PIL import Image
 
 from conftest import assert_one_line_error, copy_sample
 from probe.errors import ProbeError
-from probe.finetune import Classifier, augment, finetune, set_trainable, train_mode
+from probe.data import augment
+from probe.finetune import Classifier, finetune, set_trainable, train_mode
 
 
 @pytest.fixture
@@ -50,7 +51,7 @@ def test_trainable_parameter_counts_per_strategy():
 def test_frozen_parameters_and_batchnorm_buffers_do_not_move(tiny, tmp_path):
     before = Classifier("resnet18", "none", 32, 3).backbone.state_dict()
     out = tmp_path / "partial"
-    _run(tiny, tmp_path, "partial", epochs=2)
+    _run(tiny, tmp_path, "partial", epochs=2, bn="train")  # the last stage's BatchNorm trains too
     after = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
     for name, tensor in before.items():
         moved = not torch.equal(tensor, after[f"backbone.{name}"])
@@ -98,11 +99,14 @@ def test_a_damaged_checkpoint_is_refused(tiny, tmp_path, run_cli):
 def test_augment_is_random_per_image_and_keeps_the_size():
     g = torch.Generator().manual_seed(0)
     images = torch.arange(2 * 3 * 32 * 32, dtype=torch.float32).reshape(2, 3, 32, 32).repeat(4, 1, 1, 1)
-    for kind in ("rrc", "crop"):
-        out = augment(images, 48, kind, g)
+    rand = torch.rand(8, 5, generator=g)
+    for kind in ("rrc", "crop", "flip"):
+        out = augment(images, 48, kind, rand)
         assert out.shape == (8, 3, 48, 48)
         assert not torch.equal(out[0], out[2])  # the same image, two different crops
-    assert torch.equal(augment(images, 32, "none", g), images)
+        # A view depends on its own random numbers only, not on the rest of the batch.
+        torch.testing.assert_close(augment(images[2:3], 48, kind, rand[2:3])[0], out[2])
+    assert torch.equal(augment(images, 32, "none", rand), images)
 
 
 @pytest.mark.parametrize("head", ["logreg", "linear"])

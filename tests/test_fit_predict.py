@@ -54,7 +54,7 @@ def test_other_heads_through_the_cli(run_cli, sample_cache, head):
 
 def test_subsets_select_exactly_what_they_say(sample_cache):
     cache = open_cache(sample_cache)
-    names, X, y, Xt, yt, _ = select(cache, classes=["cat", "5", "dog"], train_per_class=7, seed=1)
+    names, X, y, Xt, yt, _, _ = select(cache, classes=["cat", "5", "dog"], train_per_class=7, seed=1)
     assert names == ["cat", "dog"]  # "5" is dog's index: the same class once
     assert np.bincount(y).tolist() == [7, 7] and len(X) == 14
     assert np.bincount(yt).tolist() == [50, 50]

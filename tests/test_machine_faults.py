@@ -174,7 +174,7 @@ def test_a_train_only_folder_extracts_fits_on_a_held_out_split_and_predicts(run_
     assert metrics["test_split"].startswith("held out of train: 0.2")
     # The held-out rows are not among the rows the head (and so its sweep) is fitted on.
     [path] = (tmp_path / "cache").glob("*.h5")
-    _, X, y, Xt, yt, _ = select(open_cache(path), seed=0)
+    _, X, y, Xt, yt, _, _ = select(open_cache(path), seed=0)
     assert len(X) == 80 and len(Xt) == 20 and not {r.tobytes() for r in X} & {r.tobytes() for r in Xt}
     assert np.bincount(yt).tolist() == [2] * 10
     other = run_cli("fit", *args, "--head", "knn", "--test-fraction", "0.5", "--json")
