@@ -46,6 +46,16 @@ def write_result(name: str, result: dict, out: str | os.PathLike | None = None) 
     return path
 
 
+def small_data_arguments(p) -> None:
+    """The options of the small-data experiments: an image folder, the backbone, and how many images."""
+    p.add_argument("--data", type=Path, required=True, help="an image folder, e.g. the JPEG CIFAR-10")
+    p.add_argument("--model", default="efficientnet_lite0")
+    p.add_argument("--weights", default="default")
+    p.add_argument("--resolution", type=int, default=96)
+    p.add_argument("--train-per-class", type=int, default=300, help="the tutorials' 3,000-image experiment")
+    p.add_argument("--test-per-class", type=int, default=None, help="default: the full test split")
+
+
 def folder_subset(source: Path, dest: Path, per_class: dict[str, int | None]) -> Path:
     """An image folder with the first n files of each class of each split (symlinks, nothing copied)."""
     for split, n in per_class.items():

@@ -141,6 +141,29 @@ def strategies(r: dict) -> list[str]:
     for row in rows:
         lines.append(f"| {row['method']} | {row['trainable_parameters']:,} | {row['test_accuracy']:.2%} | "
                      f"{row['wall_seconds'] / reference:.1f}x |")
+    if s.get("finetune_defaults"):
+        lines += ["", f"Fine-tuning: {s['finetune_defaults']}."]
+    return lines + (["", _targets(r)] if r.get("targets_met") else [])
+
+
+def views(r: dict) -> list[str]:
+    s = r["settings"]
+    tuned = r["rows"][-1]
+    lines = [
+        f"**Views** (`benchmarks/results/views.json`; {_machine(r)}): {s['model']} at {s['resolution']} px, "
+        f"{s['n_train']:,} training and {s['n_test']:,} test images, `{s['augment']}` views, all in one run; each "
+        "cached run's time is its first experiment (extract with its views, then fit logreg).",
+        "",
+        "| method | test accuracy | backbone passes | wall time, relative to finetune-linear |",
+        "|---|---:|---:|---:|",
+    ]
+    for row in r["rows"]:
+        lines.append(f"| {row['method']} | {row['test_accuracy']:.2%} | {row['backbone_passes']:,} | "
+                     f"{row['wall_seconds'] / tuned['wall_seconds']:.2f}x |")
+    closed = r["gap_closed_by_most_views"]
+    lines += ["", "Share of the accuracy gap between the plain cached probe and finetune-linear that the most views "
+              "close: " + ("none to close (finetune-linear is not above the plain probe)" if closed is None
+                           else f"{closed:.0%}") + ".", "", _targets(r)]
     return lines
 
 
@@ -161,7 +184,7 @@ def render() -> str:
     parts = []
     for name, fn in (("speedup", speedup), ("speedup_full", speedup), ("heads", heads),
                      ("extract_throughput", throughput), ("extract_throughput_full", throughput),
-                     ("strategies", strategies), ("fingerprint", fingerprint)):
+                     ("strategies", strategies), ("views", views), ("fingerprint", fingerprint)):
         r = _load(name)
         if r is not None:
             parts.append("\n".join(fn(r)))

@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, folder_subset, write_result  # noqa: E402
+from common import RESULTS, folder_subset, small_data_arguments, write_result  # noqa: E402
 
 from probe.compare import compare  # noqa: E402
 from probe.extract import extract  # noqa: E402
@@ -33,12 +33,7 @@ from probe.fit import fit  # noqa: E402
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, required=True)
-    p.add_argument("--model", default="efficientnet_lite0")
-    p.add_argument("--weights", default="default")
-    p.add_argument("--resolution", type=int, default=96)
-    p.add_argument("--train-per-class", type=int, default=300)
-    p.add_argument("--test-per-class", type=int, default=None, help="default: the full test split")
+    small_data_arguments(p)
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--strategies", default="linear,partial,full,lp-ft")
     p.add_argument("--device", default="auto")

@@ -57,3 +57,13 @@ def test_strategies_smoke(tmp_path):
 
 def test_readme_numbers_are_the_result_files():
     assert report.main(["--check"]) == 0, "run: python benchmarks/report.py"
+
+
+def test_views_smoke(tmp_path):
+    import views
+
+    out = tmp_path / "views.json"
+    views.main(["--data", str(SAMPLE_DIR), *TINY, "--train-per-class", "3", "--test-per-class", "2", "--views", "0,2",
+                "--epochs", "1", "--out", str(out)])
+    r = json.loads(out.read_text())
+    assert [row["views"] for row in r["rows"]] == [0, 2, None] and r["rows"][1]["backbone_passes"] == 30 * 3 + 20
