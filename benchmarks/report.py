@@ -163,7 +163,11 @@ def views(r: dict) -> list[str]:
     closed = r["gap_closed_by_most_views"]
     lines += ["", "Share of the accuracy gap between the plain cached probe and finetune-linear that the most views "
               "close: " + ("none to close (finetune-linear is not above the plain probe)" if closed is None
-                           else f"{closed:.0%}") + ".", "", _targets(r)]
+                           else f"{closed:.0%}") + ". Per image, a stored view costs one backbone pass, as one "
+              f"training epoch does; {s['epochs'] * s['n_test']:,} of finetune-linear's {tuned['backbone_passes']:,} "
+              "passes are its evaluation of the test split after every epoch (probe finetune's default, which its "
+              "learning curve needs), and most of the time ratio comes from there. The views are extracted once and "
+              "reused by every later head.", "", _targets(r)]
     return lines
 
 

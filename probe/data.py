@@ -226,6 +226,14 @@ def augment(images: torch.Tensor, size: int, kind: str, rand: torch.Tensor) -> t
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
+def center_square(images: torch.Tensor) -> torch.Tensor:
+    """The central square of images [..., H, W], of side min(H, W)."""
+    h, w = images.shape[-2:]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    return images[..., top:top + side, left:left + side]
+
+
 def resize_center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
     """Resize float images [N, 3, H, W] so the shorter side is `size`, then center-crop to size x size."""
     h, w = images.shape[-2:]

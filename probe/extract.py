@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from probe.backbones import create_backbone, get_spec, weights_identity
 from probe.cache import PartialCache, cache_key, cache_path, open_cache
-from probe.data import AUGMENTATIONS, augment, decode_small, iter_batches, load_dataset
+from probe.data import AUGMENTATIONS, augment, center_square, decode_small, iter_batches, load_dataset
 from probe.device import is_out_of_memory, out_of_memory_error, resolve_device
 from probe.errors import ProbeError
 from probe.files import lock as file_lock
@@ -171,7 +171,9 @@ def _run(data, key, path, weights, dev, batch_size, num_workers, resume, progres
                 row = parts.rows_done(name)
                 if row == len(split):
                     continue
-                split = decoded.setdefault(id(split), decode_small(split))  # the views reuse train's pixels
+                if id(split) not in decoded:  # decoded once: the views reuse train's pixels
+                    decoded[id(split)] = decode_small(split)
+                split = decoded[id(split)]
                 pending, shard_start, last_flush = [], row, time.perf_counter()
                 for images in iter_batches(split, size, batch_size, dev, start=row, num_workers=num_workers,
                                            transform=transform):
@@ -201,7 +203,8 @@ VIEW_SEED = 1_000_003  # view v draws its crops from the generator seeded VIEW_S
 def _view_transform(n_images: int, size: int, kind: str, view: int):
     """The augmentation of view `view`: each image's random numbers fixed by (view, row)."""
     rand = torch.rand(n_images, 5, generator=torch.Generator().manual_seed(VIEW_SEED + view))
-    return lambda images, row: augment(images, size, kind, rand[row:row + len(images)])
+    # Square first (small images arrive at their own size), so a view crops the frame the plain features show.
+    return lambda images, row: augment(center_square(images), size, kind, rand[row:row + len(images)])
 
 
 def _versions() -> dict:

@@ -162,6 +162,8 @@ def finetune(*, strategy: str = "partial", model: str = "resnet18", dataset: str
                                  (bn, BN_MODES, "--bn")):
         if value not in allowed:
             raise ProbeError(f"unknown {what} {value!r}: choose one of {', '.join(allowed)}")
+    if seed < 0 or (curve_test is not None and curve_test < 1):
+        raise ProbeError(f"--seed must be 0 or more and curve_test positive, not {seed} and {curve_test}")
     if epochs < 1 or batch_size < 1:
         raise ProbeError(f"epochs and batch size must be positive, not {epochs} and {batch_size}")
     spec = get_spec(model)
@@ -179,7 +181,8 @@ def finetune(*, strategy: str = "partial", model: str = "resnet18", dataset: str
               "classes": data.classes, "train_per_class": train_per_class, "seed": seed, "epochs": epochs,
               "lp_epochs": lp_epochs, "batch_size": batch_size, "optimizer": optimizer, "lr": lr, "head_lr": head_lr,
               "weight_decay": weight_decay, "schedule": schedule, "augmentation": augmentation,
-              "unfreeze": list(unfreeze), "init_head": init_head, "test_fraction": test_fraction, "bn": bn}
+              "unfreeze": list(unfreeze), "init_head": init_head, "test_fraction": test_fraction, "bn": bn,
+              "curve_test": curve_test}
 
     torch.manual_seed(seed)
     net = Classifier(model, weights, size, len(data.classes))
@@ -244,6 +247,8 @@ def finetune(*, strategy: str = "partial", model: str = "resnet18", dataset: str
                      seed=seed * 1000 + stage_start,
                      on_epoch_end=on_epoch_end, amp=amp, progress=progress, desc=f"finetune {stage or strategy}")
         state = None
+    if state:  # every epoch was done before this resume: the model is the checkpoint's, not a new one
+        net.load_state_dict(state["model"])
 
     set_trainable(net, "full" if strategy == "lp-ft" else strategy, spec.last_stage, unfreeze, bn)
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)

@@ -171,6 +171,8 @@ def fit(*, head: str = "logreg", features: str | None = None, model: str | None 
         epochs: int | None = None, device: str = "auto", runs_dir: str = "runs",
         test_fraction: float | None = None, class_weight: str | None = None, views: int | None = None) -> FitResult:
     """Fit head `head` on a feature cache, evaluate it on the test split, and save both under `out`."""
+    if seed < 0:  # before anything draws from default_rng(seed)
+        raise ProbeError(f"--seed must be 0 or more, not {seed}")
     cache = find_cache(features=features, model=model, dataset=dataset, weights=weights, resolution=resolution,
                        dtype=dtype, data_dir=data_dir, cache_dir=cache_dir)
     names, X, y, Xt, yt, test_split, train_rows = select(cache, classes=classes, train_per_class=train_per_class,
@@ -185,8 +187,6 @@ def fit(*, head: str = "logreg", features: str | None = None, model: str | None 
     for value, what in ((C, "--C"), (epochs, "--epochs"), (k, "--k")):
         if value is not None and not (np.isfinite(value) and value > 0):
             raise ProbeError(f"{what} must be a positive finite number, not {value}")
-    if seed < 0:
-        raise ProbeError(f"--seed must be 0 or more, not {seed}")
     if class_weight is not None and head == "knn":
         raise ProbeError("--class-weight applies to logreg, linear and mlp, not knn (its votes are unweighted)")
     params = {"logreg": {"C": C, "random_state": seed, "device": device, "class_weight": class_weight},

@@ -121,7 +121,7 @@ class LogisticProbe(_TorchClassifier):
                 W, b, _ = _lbfgs(Xt, yt, k, C, W, b, self.max_iter, self.sweep_tol, weight)
                 correct = ((Xv @ W.T + b).argmax(1) == yv).float()
                 # Balanced class weights: the sweep ranks by balanced accuracy (mean recall per class).
-                accuracy = (correct.mean() if weight is None else
+                accuracy = (correct.mean() if self.class_weight != "balanced" else
                             torch.stack([correct[yv == c].mean() for c in range(k) if (yv == c).any()]).mean()).item()
                 self.sweep_.append((float(C), accuracy))
                 since_best = since_best + 1 if accuracy <= best[0] else 0

@@ -6,6 +6,7 @@ the loop itself only steps, measures and reports.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Callable, Iterable
 
@@ -13,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
+
+from probe.errors import ProbeError
 
 
 def train_epochs(
@@ -53,7 +56,8 @@ def train_epochs(
                          disable=not progress, leave=False):
             with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
                 logits = model(x)
-                loss = F.cross_entropy(logits, y, weight=class_weight)
+                # Summed and divided by the batch size (not by the weights' sum), as the logreg objective.
+                loss = F.cross_entropy(logits, y, weight=class_weight, reduction="sum") / len(y)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -61,6 +65,9 @@ def train_epochs(
             seen += len(y)
             loss_sum += loss.item() * len(y)
             correct += (logits.argmax(1) == y).sum().item()
+        if not math.isfinite(loss_sum):
+            raise ProbeError(f"training diverged: the loss is {loss_sum} in epoch {epoch + 1}; lower --lr or --head-lr "
+                             "(finished epochs are in the last checkpoint)")
         if scheduler is not None:
             scheduler.step()
         seconds = time.perf_counter() - t0

@@ -57,8 +57,10 @@ def test_finetune_options(run_cli, tmp_path):
     assert (hp["lr"], hp["head_lr"], hp["weight_decay"], hp["batch_size"], hp["seed"]) == (0.001, 0.01, 0, 2, 1)
     import torchvision
     r18 = torchvision.models.resnet18()
-    expected = sum(p.numel() for p in [*r18.layer3.parameters(), *r18.layer4.parameters()]) + 512 * 2 + 2
-    assert m["trainable_parameters"] == expected
+    # layer3 and layer4 train, except their BatchNorm layers (--bn frozen, the default), and the new fc
+    trained = [p for name, p in [*r18.layer3.named_parameters(), *r18.layer4.named_parameters()]
+               if ".bn" not in name and ".downsample.1." not in name]
+    assert m["trainable_parameters"] == sum(p.numel() for p in trained) + 512 * 2 + 2
 
     assert run_cli("extract", *base[:-3]).exit_code == 0
     assert run_cli("fit", *base[:-3], "--head", "linear", "--out", tmp_path / "h").exit_code == 0

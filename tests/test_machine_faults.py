@@ -275,6 +275,8 @@ def test_selected_classes_without_test_images_and_bad_numbers_are_one_line(run_c
                           "no test images of the selected classes")
     for option, value in (("--C", "inf"), ("--epochs", "0"), ("--seed", "-1")):
         assert_one_line_error(run_cli("fit", *args, "--head", "linear", option, value), option)
+    assert_one_line_error(run_cli("fit", *args, "--seed", "-1", "--train-per-class", "2"), "--seed")
+    assert_one_line_error(run_cli("finetune", *args, "--seed", "-1", "--epochs", "1"), "--seed")
     assert not (tmp_path / "runs").exists()
 
 

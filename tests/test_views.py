@@ -53,3 +53,19 @@ def test_the_sweep_keeps_every_view_of_a_validation_image_out_of_training():
     kept_apart = LogisticProbe(device="cpu").fit(X, y, groups=groups)
     assert max(a for _, a in leaky.sweep_) > 0.9  # the leak this guards against is real
     assert max(a for _, a in kept_apart.sweep_) < 0.65
+
+
+def test_views_of_non_square_small_images_crop_the_frame_the_plain_features_show():
+    """Small non-square images (48 x 24): a blue centre square between red side bands. The plain
+    features see the centre square; no view of any augmentation may show the red bands either."""
+    import torch
+
+    from probe.extract import _view_transform
+
+    image = torch.zeros(1, 3, 24, 48)
+    image[:, 0, :, :12] = image[:, 0, :, 36:] = 255
+    image[:, 2, :, 12:36] = 255
+    for kind in ("rrc", "crop", "flip"):
+        for view in range(4):
+            seen = _view_transform(1, 32, kind, view)(image, 0)
+            assert seen.shape == (1, 3, 32, 32) and seen[:, 0].max() < 1, kind
