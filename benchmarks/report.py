@@ -146,6 +146,23 @@ def strategies(r: dict) -> list[str]:
     return lines + (["", _targets(r)] if r.get("targets_met") else [])
 
 
+def bn_cause(r: dict) -> list[str]:
+    s = r["settings"]
+    probe = r["rows"][0]["validation_accuracy"]
+    lines = [
+        f"**BatchNorm in fine-tuning** (`benchmarks/results/bn_cause.json`; {_machine(r)}): {s['model']} at "
+        f"{s['resolution']} px, {s['n_train']:,} training images, validated on {s['n_validation']:,} held out of the "
+        f"training images (never the test split), {s['epochs']} epochs; the cached logreg scores {probe:.1%} there.",
+        "",
+        "| run | BatchNorm | validation accuracy per epoch | final |",
+        "|---|---|---|---:|",
+    ]
+    for row in r["rows"][1:]:
+        curve = " ".join(f"{a:.1%}" for a in row["curve"])
+        lines.append(f"| {row['run']} | {row['bn']} | {curve} | {row['validation_accuracy']:.1%} |")
+    return lines
+
+
 def views(r: dict) -> list[str]:
     s = r["settings"]
     tuned = r["rows"][-1]
@@ -188,7 +205,8 @@ def render() -> str:
     parts = []
     for name, fn in (("speedup", speedup), ("speedup_full", speedup), ("heads", heads),
                      ("extract_throughput", throughput), ("extract_throughput_full", throughput),
-                     ("strategies", strategies), ("views", views), ("fingerprint", fingerprint)):
+                     ("strategies", strategies), ("bn_cause", bn_cause), ("views", views),
+                     ("fingerprint", fingerprint)):
         r = _load(name)
         if r is not None:
             parts.append("\n".join(fn(r)))

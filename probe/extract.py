@@ -125,6 +125,8 @@ class Embedder:
         later batches keep the size that fitted. The features do not depend on the batch size."""
         piece = min(len(images), self.max_batch)
         try:
+            if piece == len(images):  # the usual case: one pass, no concatenation
+                return self(images)
             return torch.cat([self(images[i:i + piece]) for i in range(0, len(images), piece)])
         except Exception as e:
             if not is_out_of_memory(e) or piece == 1:

@@ -8,6 +8,8 @@ import shutil
 from pathlib import Path
 from typing import BinaryIO, Callable
 
+from filelock import FileLock, Timeout
+
 from probe.device import format_bytes
 from probe.errors import ProbeError
 
@@ -64,19 +66,20 @@ def _remove(path: Path) -> None:
         pass
 
 
-def lock(path: str | os.PathLike):
+class _Lock(FileLock):
+    """A FileLock whose creation on a read-only or full disk is a one-line error."""
+
+    def acquire(self, *args, **kwargs):
+        try:
+            return super().acquire(*args, **kwargs)
+        except Timeout:  # another process holds it: the caller decides (Timeout is an OSError too)
+            raise
+        except OSError as e:
+            raise ProbeError(f"cannot write in {Path(self.lock_file).parent}: {e.strerror or e}") from None
+
+
+def lock(path: str | os.PathLike) -> FileLock:
     """A FileLock on `path`, whose creation on a read-only or full disk is a one-line error."""
-    from filelock import FileLock, Timeout
-
-    class _Lock(FileLock):
-        def acquire(self, *args, **kwargs):
-            try:
-                return super().acquire(*args, **kwargs)
-            except Timeout:  # another process holds it: the caller decides (Timeout is an OSError too)
-                raise
-            except OSError as e:
-                raise ProbeError(f"cannot write in {Path(path).parent}: {e.strerror or e}") from None
-
     return _Lock(str(path))
 
 

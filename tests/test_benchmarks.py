@@ -67,3 +67,14 @@ def test_views_smoke(tmp_path):
                 "--epochs", "1", "--out", str(out)])
     r = json.loads(out.read_text())
     assert [row["views"] for row in r["rows"]] == [0, 2, None] and r["rows"][1]["backbone_passes"] == 30 * 3 + 20
+
+
+def test_bn_cause_smoke(tmp_path):
+    import bn_cause
+
+    out = tmp_path / "bn.json"
+    bn_cause.main(["--data", str(SAMPLE_DIR), "--model", "resnet18", "--weights", "none", "--resolution", "32", "--train-per-class", "3",
+                   "--validation-fraction", "0.34", "--epochs", "2", "--out", str(out)])
+    r = json.loads(out.read_text())
+    assert [row["bn"] for row in r["rows"]] == [None, "train", "frozen", "train", "frozen", "frozen"]
+    assert r["rows"][-1]["lp_epochs"] == 0 and all(len(row["curve"]) == 2 for row in r["rows"][1:])
