@@ -27,7 +27,7 @@ def machine() -> dict:
     info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "python": platform.python_version()}
-    for package in ("torch", "torchvision", "timm", "scikit-learn", "h5py"):
+    for package in ("probe", "torch", "torchvision", "timm", "transformers", "open_clip_torch", "scikit-learn", "h5py"):
         try:
             info[package] = metadata.version(package)
         except metadata.PackageNotFoundError:

@@ -23,7 +23,10 @@ def _load(name: str) -> dict | None:
 
 def _machine(r: dict) -> str:
     m = r["machine"]
-    return m["gpu"] if m.get("gpu") else f"{m['cpu']}, {m['cores']} cores"
+    where = m["gpu"] if m.get("gpu") else f"{m['cpu']}, {m['cores']} cores"
+    if "probe" not in m:  # results written before benchmarks recorded probe's version
+        return where + "; probe 0.2, which resized images straight to the input size, bilinear (0.3 uses the model's own resize, crop and interpolation)"
+    return f"{where}; probe {m['probe']}"
 
 
 def _yes(ok) -> str:

@@ -29,7 +29,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
 from common import folder_subset, write_result  # noqa: E402
 
-from probe.backbones import create_backbone, get_spec  # noqa: E402
+from probe.backbones import create_backbone, resolve  # noqa: E402
 from probe.extract import extract, resolve_device  # noqa: E402
 from probe.fit import fit  # noqa: E402
 
@@ -40,9 +40,9 @@ def baseline(data: Path, model: str, weights: str, resolution: int, epochs: int,
     from torchvision import datasets, transforms
 
     t0 = time.perf_counter()
-    spec = get_spec(model)
+    pre = resolve(model).preprocess
     transform = transforms.Compose([transforms.Resize((resolution, resolution)), transforms.ToTensor(),
-                                    transforms.Normalize(spec.mean, spec.std)])
+                                    transforms.Normalize(pre.mean, pre.std)])
     train = datasets.ImageFolder(str(data / "train"), transform=transform)
     test = datasets.ImageFolder(str(data / "test"), transform=transform)
     workers = os.cpu_count() or 1
@@ -51,7 +51,7 @@ def baseline(data: Path, model: str, weights: str, resolution: int, epochs: int,
     test_loader = torch.utils.data.DataLoader(test, batch_size=batch_size, num_workers=workers)
     backbone = create_backbone(model, weights, resolution).to(device)  # frozen, eval mode
     torch.manual_seed(0)
-    fc = nn.Linear(spec.feature_dim, len(train.classes)).to(device)
+    fc = nn.Linear(backbone.feature_dim, len(train.classes)).to(device)
     net = nn.Sequential(backbone, fc)
     optimizer = torch.optim.Adam(fc.parameters(), lr=1e-3)
     history = []

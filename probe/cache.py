@@ -6,9 +6,10 @@ Layout of a cache file (readable with plain h5py):
     /train/features  [N, D] float32 or float16, chunked
     /train/labels    [N] int64
     /test/...        the same, where the data set has a test split
-    attributes       probe_format, complete, key (JSON), key_hash, model, weights, weights_path,
-                     resolution, preprocessing (JSON), dataset, fingerprint, dtype, feature_dim,
-                     classes (JSON), versions (JSON), created
+    attributes       probe_format, complete, key (JSON), key_hash, model, family, pool, weights,
+                     weights_path, resolution, preprocessing (JSON: size, resize, interpolation, mode,
+                     mean, std), dataset, fingerprint, dtype, feature_dim, classes (JSON),
+                     versions (JSON), views, augment, created
 
 While an extraction runs, finished batches go to `<file>.parts/` as .npy shards, each written to a
 temporary name and renamed, so a killed run loses at most the shard in progress and the next run
@@ -37,12 +38,14 @@ FORMAT = 1
 SPLITS = ("train", "test")
 
 
-def cache_key(*, dataset: str, fingerprint: str, model: str, weights: str, resolution: int,
-              preprocessing: dict, dtype: str, views: int = 0, augment: str | None = None) -> dict:
-    """Everything that changes the features; any change gives another file. Augmented views enter
-    the key only when there are some, so caches without views keep the names they always had."""
-    key = {"dataset": dataset, "fingerprint": fingerprint, "model": model, "weights": weights,
-           "resolution": resolution, "preprocessing": preprocessing, "dtype": dtype, "probe_format": FORMAT}
+def cache_key(*, dataset: str, fingerprint: str, model: str, family: str, weights: str, resolution: int,
+              preprocessing: dict, pool: str, dtype: str, views: int = 0, augment: str | None = None) -> dict:
+    """Everything that changes the features; any change gives another file: the data, the model (family,
+    full name with its pretrained tag), the weights' identity, the resolved preprocessing, the pool.
+    Augmented views enter the key only when there are some."""
+    key = {"dataset": dataset, "fingerprint": fingerprint, "model": model, "family": family, "weights": weights,
+           "resolution": resolution, "preprocessing": preprocessing, "pool": pool, "dtype": dtype,
+           "probe_format": FORMAT}
     if views:
         key.update(views=views, augment=augment)
     return key
@@ -57,7 +60,12 @@ def cache_path(cache_dir: str | os.PathLike, key: dict) -> Path:
     dataset = key["dataset"]
     if dataset.startswith("folder:"):
         dataset = "folder-" + Path(dataset[len("folder:"):]).name
-    parts = [dataset, key["model"], key["weights"], f"r{key['resolution']}", key["dtype"]]
+    model = key["model"]
+    family, _, rest = model.partition(":")
+    if rest and ("/" in rest and Path(rest.removeprefix("local-dir:")).is_absolute()):  # a saved folder
+        model = f"{family}-{Path(rest.removeprefix('local-dir:')).name}"
+    parts = [dataset, model, key["weights"], f"r{key['resolution']}", key["dtype"]]
+    parts += [key["pool"]] if rest and key.get("pool") else []
     parts += [f"{key['views']}x{key['augment']}"] if key.get("views") else []
     parts.append(key_hash(key))
     return Path(cache_dir) / ("__".join(re.sub(r"[^A-Za-z0-9._-]+", "-", p) for p in parts) + ".h5")
@@ -167,7 +175,8 @@ class PartialCache:
             key = self.key
             f.attrs.update({
                 "probe_format": FORMAT, "key": json.dumps(key, sort_keys=True), "key_hash": key_hash(key),
-                "model": key["model"], "weights": key["weights"], "resolution": key["resolution"],
+                "model": key["model"], "family": key.get("family", ""), "pool": key.get("pool", ""),
+                "weights": key["weights"], "resolution": key["resolution"],
                 "preprocessing": json.dumps(key["preprocessing"]), "dataset": key["dataset"],
                 "fingerprint": key["fingerprint"], "dtype": key["dtype"], "feature_dim": feature_dim,
                 "classes": json.dumps(classes), "versions": json.dumps(versions), "weights_path": weights_path,

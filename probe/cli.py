@@ -49,10 +49,15 @@ def _errors_to_exit_codes(fn):
 def _cache_options(fn):
     """The options that name a feature cache, shared by extract, fit and finetune."""
     for decorator in reversed([
-        click.option("--model", help="Backbone (see `probe models`). [default: resnet18]"),
+        click.option("--model", help="Backbone: a short name (probe models), timm:NAME[.TAG], hf:REPO-OR-FOLDER or "
+                                     "open_clip:ARCH/TAG (probe models --search WORD). [default: resnet18]"),
         click.option("--dataset", help="cifar10, sample (bundled, offline) or folder:PATH. [default: cifar10]"),
-        click.option("--weights", help="default (pretrained), none (random init) or a state-dict file. [default: default]"),
-        click.option("--resolution", type=int, help="Input size in pixels. [default: the backbone's own]"),
+        click.option("--weights", help="default (pretrained, as the model's library gets them), none (random init), "
+                                       "or a weights file or saved folder. [default: default]"),
+        click.option("--resolution", type=int, help="Input size in pixels; the model's crop fraction is kept. "
+                                                    "[default: the model's own]"),
+        click.option("--pool", help="Token models: cls, avg or cls+avg (timm also head, hf also pooler); "
+                                    "open_clip: pooled or proj. [default: the family's own, see README]"),
         click.option("--dtype", help="Feature storage: float32 or float16. [default: float32]"),
         click.option("--data-dir", help="Where cifar10 is (downloaded if missing). [default: data]"),
         click.option("--cache-dir", help="Feature cache folder. [default: cache]"),
@@ -83,14 +88,25 @@ def main(ctx, quiet):
 
 
 @main.command()
-def models():
-    """List the backbones: feature width, native resolution, normalization, default weights."""
-    from probe.backbones import describe_models
+@click.option("--search", help="List pretrained timm (and open_clip, when installed) names containing this.")
+@_errors_to_exit_codes
+def models(search):
+    """List the short names (width, resolution, resize and crop, normalization, weights), or search
+    timm's and open_clip's pretrained names. Any timm:NAME, hf:REPO and open_clip:ARCH/TAG works too."""
+    from probe.backbones import describe_models, search_models
 
-    click.echo(f"{'model':<20}{'features':>9}{'res':>5}  {'mean / std':<36}weights")
+    if search:
+        rows = search_models(search)
+        for m in rows:
+            click.echo(f"{m['model']:<64}{m['features'] or '-':>9}{m['resolution'] or '-':>6}")
+        click.echo(f"{len(rows)} pretrained name(s) contain {search!r} (columns: width, native resolution; - where "
+                   "not known without building the model)")
+        return
+    click.echo(f"{'model':<20}{'features':>9}{'res':>5}  {'resize':<16}{'mean / std':<36}weights")
     for m in describe_models():
         norm = "/".join(f"{v:.3f}" for v in m["mean"]) + " " + "/".join(f"{v:.3f}" for v in m["std"])
-        click.echo(f"{m['model']:<20}{m['features']:>9}{m['resolution']:>5}  {norm:<36}{m['weights']}")
+        resize = f"{m['resize']} {m['interpolation']}"
+        click.echo(f"{m['model']:<20}{m['features']:>9}{m['resolution']:>5}  {resize:<16}{norm:<36}{m['weights']}")
 
 
 @main.command()
@@ -241,9 +257,9 @@ def cache_rm(paths):
 
 @main.command()
 @click.option("--strategy", help="linear (frozen backbone), partial (last stage), full, or lp-ft. [default: partial]")
-@click.option("--model", help="Backbone (see `probe models`). [default: resnet18]")
+@click.option("--model", help="Backbone: a short name, timm:NAME, hf:REPO-OR-FOLDER or open_clip:ARCH/TAG. [default: resnet18]")
 @click.option("--dataset", help="cifar10, sample or folder:PATH. [default: cifar10]")
-@click.option("--weights", help="default, none or a state-dict file. [default: default]")
+@click.option("--weights", help="default, none, or a weights file or saved folder. [default: default]")
 @click.option("--resolution", type=int, help="Input size in pixels. [default: the backbone's own]")
 @click.option("--data-dir", help="Where cifar10 is. [default: data]")
 @click.option("--classes", help="Comma-separated class names or indices to keep.")

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from probe.errors import ProbeError
+from probe.preprocess import Preprocess, resize_center_crop
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 SAMPLE_DIR = Path(__file__).parent / "sample"
@@ -193,16 +194,18 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 AUGMENTATIONS = ("rrc", "crop", "flip", "none")
 
 
-def augment(images: torch.Tensor, size: int, kind: str, rand: torch.Tensor) -> torch.Tensor:
-    """Random crops and flips of a float batch [B, 3, H, W], resampled to size x size in one grid_sample.
+def augment(images: torch.Tensor, pre: Preprocess, kind: str, rand: torch.Tensor) -> torch.Tensor:
+    """Random crops and flips of a float batch [B, 3, H, W], resampled to pre.size x pre.size in one
+    bilinear grid_sample.
 
     rand: [B, 5] uniform numbers, one row per image (area, aspect ratio, x, y, flip), so a view is a
     function of its numbers alone, whatever the batch. rrc: RandomResizedCrop(scale 0.6-1, ratio
     3/4-4/3) + flip. crop: RandomCrop(H, padding 4) + flip before the resize (the CIFAR recipe).
-    flip: horizontal flip only. none: the evaluation transform.
+    flip: horizontal flip only. none: the evaluation transform `pre`.
     """
     if kind == "none":
-        return resize_center_crop(images, size)
+        return resize_center_crop(images, pre)
+    size = pre.size
     b, _, h, w = images.shape
     rand = rand.to(images.device)
     flip = torch.where(rand[:, 4] < 0.5, -1.0, 1.0)
@@ -234,39 +237,27 @@ def center_square(images: torch.Tensor) -> torch.Tensor:
     return images[..., top:top + side, left:left + side]
 
 
-def resize_center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Resize float images [N, 3, H, W] so the shorter side is `size`, then center-crop to size x size."""
-    h, w = images.shape[-2:]
-    if (h, w) == (size, size):
-        return images
-    scale = size / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-    images = F.interpolate(images, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
-    top, left = (nh - size) // 2, (nw - size) // 2
-    return images[..., top:top + size, left:left + size]
-
-
 class _DecodeResize(torch.utils.data.Dataset):
-    """Worker-side path for large images: decode, then resize to the model's resolution."""
+    """Worker-side path for large images: decode, then the evaluation transform's resize and crop."""
 
-    def __init__(self, paths: list[str], size: int):
-        self.paths, self.size = paths, size
+    def __init__(self, paths: list[str], pre: Preprocess):
+        self.paths, self.pre = paths, pre
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> torch.Tensor:
         image = torch.from_numpy(read_image(self.paths[i])).permute(2, 0, 1)[None].float()
-        return resize_center_crop(image, self.size)[0]
+        return resize_center_crop(image, self.pre)[0]
 
 
-def iter_batches(split: Split, size: int, batch_size: int, device: torch.device, start: int = 0,
+def iter_batches(split: Split, pre: Preprocess, batch_size: int, device: torch.device, start: int = 0,
                  num_workers: int | None = None, transform=None):
-    """Yield float image batches [B, 3, size, size] in [0, 255] on `device`, from row `start` on.
+    """Yield float image batches [B, 3, pre.size, pre.size] in [0, 255] on `device`, from row `start` on.
 
-    transform(images, row): instead of the evaluation transform, e.g. an augmentation of the batch
-    whose first image is row `row`. Small images reach it at their own size, large ones already
-    resized and center-cropped to `size` by the workers.
+    transform(images, row): instead of the evaluation transform `pre`, e.g. an augmentation of the
+    batch whose first image is row `row`. Small images reach it at their own size, large ones already
+    resized and center-cropped by `pre` in the workers.
     """
     if split.pixels is not None:
         pin = device.type == "cuda"
@@ -275,11 +266,11 @@ def iter_batches(split: Split, size: int, batch_size: int, device: torch.device,
             if pin:
                 batch = batch.pin_memory()
             batch = batch.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
-            yield resize_center_crop(batch, size) if transform is None else transform(batch, i)
+            yield resize_center_crop(batch, pre) if transform is None else transform(batch, i)
         return
     workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
     loader = torch.utils.data.DataLoader(
-        _DecodeResize(split.paths[start:], size), batch_size=batch_size, num_workers=workers,
+        _DecodeResize(split.paths[start:], pre), batch_size=batch_size, num_workers=workers,
         pin_memory=device.type == "cuda",
     )
     row = start

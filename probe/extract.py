@@ -14,7 +14,7 @@ import torch
 from filelock import Timeout
 from tqdm.auto import tqdm
 
-from probe.backbones import create_backbone, get_spec, weights_identity
+from probe.backbones import Preprocess, create_backbone, resolve
 from probe.cache import PartialCache, cache_key, cache_path, open_cache
 from probe.data import AUGMENTATIONS, augment, center_square, decode_small, iter_batches, load_dataset
 from probe.device import is_out_of_memory, out_of_memory_error, resolve_device
@@ -43,20 +43,20 @@ class ExtractResult:
 
 def resolve_cache(*, model: str = "resnet18", dataset: str = "cifar10", weights: str = "default",
                   resolution: int | None = None, dtype: str = "float32", data_dir: str = "data",
-                  cache_dir: str = "cache", download: bool = True, views: int = 0, augment: str = "rrc"):
+                  cache_dir: str = "cache", download: bool = True, views: int = 0, augment: str = "rrc",
+                  pool: str | None = None):
     """Load the data set and work out the cache file its features belong in: (dataset, key, path)."""
-    spec = get_spec(model)
+    spec = resolve(model)
+    pre, pool = spec.preprocess.at(resolution), spec.resolve_pool(pool)
     if dtype not in DTYPES:
         raise ProbeError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     if views < 0 or augment not in AUGMENTATIONS or augment == "none":
         raise ProbeError(f"--views must be 0 or more and --augment one of {', '.join(AUGMENTATIONS[:-1])}, "
                          f"not {views} and {augment!r}")
-    if resolution is not None and resolution < 16:
-        raise ProbeError(f"resolution must be at least 16, not {resolution}")
     data = load_dataset(dataset, data_dir=data_dir, download=download)
-    key = cache_key(dataset=data.name, fingerprint=data.fingerprint, model=model, weights=weights_identity(weights),
-                    resolution=resolution or spec.resolution, preprocessing=spec.preprocessing, dtype=dtype,
-                    views=views, augment=augment)
+    key = cache_key(dataset=data.name, fingerprint=data.fingerprint, model=spec.name, family=spec.family,
+                    weights=spec.weights_identity(weights), resolution=pre.size, preprocessing=pre.as_dict(),
+                    pool=pool, dtype=dtype, views=views, augment=augment)
     return data, key, cache_path(cache_dir, key)
 
 
@@ -64,9 +64,12 @@ def extract(*, model: str = "resnet18", dataset: str = "cifar10", weights: str =
             resolution: int | None = None, data_dir: str = "data", cache_dir: str = "cache",
             device: str = "auto", batch_size: int | None = None, dtype: str = "float32",
             num_workers: int | None = None, force: bool = False, views: int = 0, augment: str = "rrc",
-            progress: bool = True) -> ExtractResult:
+            pool: str | None = None, progress: bool = True) -> ExtractResult:
     """Run backbone `model` over both splits of `dataset` and write the features to the cache.
 
+    model: a short name, timm:NAME, hf:REPO-OR-FOLDER or open_clip:ARCH/TAG; its own preprocessing
+    is used (`resolution` overrides the size, keeping the crop fraction), and `pool` picks the
+    feature of token models (None: the default of the model's family).
     views: also store this many augmented views (`augment`: rrc, crop or flip) of every training
     image, in train/views; the test split is only ever the evaluation transform. A complete cache file
     with the same key is reused (no backbone pass) unless `force`. An interrupted run resumes from its
@@ -76,7 +79,8 @@ def extract(*, model: str = "resnet18", dataset: str = "cifar10", weights: str =
         raise ProbeError(f"batch size must be positive, not {batch_size}")
     dev = resolve_device(device)
     data, key, path = resolve_cache(model=model, dataset=dataset, weights=weights, resolution=resolution,
-                                    dtype=dtype, data_dir=data_dir, cache_dir=cache_dir, views=views, augment=augment)
+                                    dtype=dtype, data_dir=data_dir, cache_dir=cache_dir, views=views, augment=augment,
+                                    pool=pool)
     if path.exists() and not force and not os.access(path.parent, os.W_OK):
         open_cache(path)  # a complete cache on read-only storage: read it, no lock needed
         return ExtractResult(path, reused=True)
@@ -104,19 +108,18 @@ def extract(*, model: str = "resnet18", dataset: str = "cifar10", weights: str =
 
 
 class Embedder:
-    """A frozen backbone with its preprocessing: float images [N, 3, R, R] in 0..255 -> features [N, D].
+    """A frozen backbone with its preprocessing: float images [N, 3, S, S] in 0..255 -> features [N, D].
 
     Extraction and `probe predict` both go through here, so they normalize the same way. On CUDA
     it runs in float16 autocast; channels_last is used on the CPU as well, where it was faster too.
     """
 
-    def __init__(self, model: str, weights: str, resolution: int | None, device: torch.device):
-        self.spec = get_spec(model)
-        self.resolution = resolution or self.spec.resolution
-        self.device = device
-        self.net = create_backbone(model, weights, self.resolution).to(device).to(memory_format=torch.channels_last)
-        self.mean = torch.tensor(self.spec.mean, device=device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(self.spec.std, device=device).view(1, 3, 1, 1) * 255
+    def __init__(self, model: str, weights: str, pre: Preprocess, pool: str | None, device: torch.device):
+        self.pre, self.device = pre, device
+        self.net = create_backbone(model, weights, pre, pool).to(device).to(memory_format=torch.channels_last)
+        self.feature_dim = self.net.feature_dim
+        self.mean = torch.tensor(pre.mean, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(pre.std, device=device).view(1, 3, 1, 1) * 255
         self.forward_seconds = 0.0  # time spent in the backbone itself
         self.max_batch = 1 << 30  # lowered when a batch runs out of memory
 
@@ -150,15 +153,15 @@ class Embedder:
 
 
 def _run(data, key, path, weights, dev, batch_size, num_workers, resume, progress) -> ExtractResult:
-    size = key["resolution"]
-    embed = Embedder(key["model"], weights, size, dev)
+    pre = Preprocess.from_dict(key["preprocessing"], key["resolution"])
+    embed = Embedder(key["model"], weights, pre, key["pool"], dev)
     store = np.float16 if key["dtype"] == "float16" else np.float32
     parts = PartialCache(path, key)
     parts.start(resume=resume)
     # One pass per split, then one per augmented view of the training images (views are seeded per
     # view and image, so a resumed pass repeats exactly what a straight one would have drawn).
     passes = [(name, split, None) for name, split in data.splits.items()]
-    passes += [(name, data.splits["train"], _view_transform(len(data.splits["train"]), size, key["augment"], v))
+    passes += [(name, data.splits["train"], _view_transform(len(data.splits["train"]), pre, key["augment"], v))
                for v, name in enumerate(parts.view_splits())]
     todo = {name: len(split) - parts.rows_done(name) for name, split, _ in passes}
     if sum(todo.values()) < sum(len(split) for _, split, _ in passes):
@@ -177,7 +180,7 @@ def _run(data, key, path, weights, dev, batch_size, num_workers, resume, progres
                     decoded[id(split)] = decode_small(split)
                 split = decoded[id(split)]
                 pending, shard_start, last_flush = [], row, time.perf_counter()
-                for images in iter_batches(split, size, batch_size, dev, start=row, num_workers=num_workers,
+                for images in iter_batches(split, pre, batch_size, dev, start=row, num_workers=num_workers,
                                            transform=transform):
                     pending.append(embed.in_pieces(images).cpu().numpy().astype(store, copy=False))
                     row += len(images)
@@ -188,13 +191,13 @@ def _run(data, key, path, weights, dev, batch_size, num_workers, resume, progres
                 result.images += todo[name]
     except Exception as e:
         if is_out_of_memory(e):  # finished shards are kept: the same command with smaller settings resumes
-            raise out_of_memory_error(e, f"extracting {key['model']} at resolution {size} in batches of {batch_size}",
+            raise out_of_memory_error(e, f"extracting {key['model']} at resolution {pre.size} in batches of {batch_size}",
                                       "lower --batch-size or --resolution") from None
         raise
     result.seconds = time.perf_counter() - t0
     result.forward_seconds = embed.forward_seconds
     parts.finish(classes=data.classes, labels={s: sp.labels for s, sp in data.splits.items()},
-                 feature_dim=embed.spec.feature_dim, versions=_versions(),
+                 feature_dim=embed.feature_dim, versions=_versions(),
                  weights_path="" if weights in ("default", "none") else str(Path(weights).resolve()))
     return result
 
@@ -202,16 +205,16 @@ def _run(data, key, path, weights, dev, batch_size, num_workers, resume, progres
 VIEW_SEED = 1_000_003  # view v draws its crops from the generator seeded VIEW_SEED + v
 
 
-def _view_transform(n_images: int, size: int, kind: str, view: int):
+def _view_transform(n_images: int, pre: Preprocess, kind: str, view: int):
     """The augmentation of view `view`: each image's random numbers fixed by (view, row)."""
     rand = torch.rand(n_images, 5, generator=torch.Generator().manual_seed(VIEW_SEED + view))
     # Square first (small images arrive at their own size), so a view crops the frame the plain features show.
-    return lambda images, row: augment(center_square(images), size, kind, rand[row:row + len(images)])
+    return lambda images, row: augment(center_square(images), pre, kind, rand[row:row + len(images)])
 
 
 def _versions() -> dict:
     versions = {}
-    for package in ("probe", "torch", "torchvision", "timm", "h5py", "numpy"):
+    for package in ("probe", "torch", "torchvision", "timm", "transformers", "open_clip_torch", "h5py", "numpy"):
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:

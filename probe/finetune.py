@@ -12,9 +12,10 @@ from __future__ import annotations
 import datetime
 import io
 import os
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from probe.backbones import create_backbone, get_spec
-from probe.data import (AUGMENTATIONS, Split, augment, decode_small, iter_batches, load_dataset, read_image,
-                        resize_center_crop)
+from probe.backbones import create_backbone, partial_prefixes, resolve
+from probe.data import AUGMENTATIONS, Split, augment, decode_small, iter_batches, load_dataset, read_image
+from probe.preprocess import Preprocess, resize_center_crop
 from probe.errors import ProbeError
 from probe.device import resolve_device
 from probe.files import atomic_write, make_dir
@@ -41,13 +42,14 @@ BN_MODES = ("frozen", "train")
 class Classifier(nn.Module):
     """Normalization, the backbone (classifier removed) and a new Linear of the right width."""
 
-    def __init__(self, model: str, weights: str, resolution: int, n_classes: int):
+    def __init__(self, model: str, weights: str, pre: Preprocess | int | None, n_classes: int):
         super().__init__()
-        spec = get_spec(model)
-        self.backbone = create_backbone(model, weights, resolution)
-        self.fc = nn.Linear(spec.feature_dim, n_classes)
-        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1) * 255, persistent=False)
-        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1) * 255, persistent=False)
+        if not isinstance(pre, Preprocess):  # a size: the model's own transform at that size
+            pre = resolve(model).preprocess.at(pre)
+        self.backbone = create_backbone(model, weights, pre)
+        self.fc = nn.Linear(self.backbone.feature_dim, n_classes)
+        self.register_buffer("mean", torch.tensor(pre.mean).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(pre.std).view(1, 3, 1, 1) * 255, persistent=False)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:  # float images in 0..255
         x = ((images - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
@@ -80,9 +82,10 @@ def train_mode(model: nn.Module) -> None:
             module.eval()
 
 
-def _in_memory(split: Split, size: int) -> np.ndarray:
+def _in_memory(split: Split, pre: Preprocess) -> np.ndarray:
     """The split as one uint8 array of square images: small ones center-cropped to their shorter side,
-    large ones resized and center-cropped to `size`.
+    large ones resized as `pre` resizes them and center-cropped to a square of that side (the
+    evaluation crop is taken from it later, as from the small ones).
 
     Square first, for training and evaluation alike: the random crops are then taken from the same
     frame that evaluation's center crop shows, never from a squashed non-square one.
@@ -96,7 +99,8 @@ def _in_memory(split: Split, size: int) -> np.ndarray:
 
     def load(path):
         image = torch.from_numpy(read_image(path)).permute(2, 0, 1)[None].float()
-        return resize_center_crop(image, size)[0].round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+        square = resize_center_crop(image, replace(pre, size=pre.resize))[0]
+        return square.round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         return np.stack(list(pool.map(load, split.paths)))
@@ -112,7 +116,7 @@ class _Subset:
     test_split: str  # how the test split was made
 
 
-def _load(dataset, data_dir, size, classes, train_per_class, seed, test_fraction=None) -> _Subset:
+def _load(dataset, data_dir, pre, classes, train_per_class, seed, test_fraction=None) -> _Subset:
     """The data set in memory with the same class, subset and held-out test selection as `probe fit`."""
     data = load_dataset(dataset, data_dir=data_dir, download=True)
     keep = class_indices(data.classes, classes)
@@ -134,8 +138,8 @@ def _load(dataset, data_dir, size, classes, train_per_class, seed, test_fraction
     test_rows = np.flatnonzero(np.isin(test.labels, keep))
     if not len(test_rows):
         raise ProbeError(f"data set {dataset} has no test images of the selected classes; choose others with --classes")
-    return _Subset([data.classes[c] for c in keep], _in_memory(train.subset(rows), size), remap[train.labels[rows]],
-                   _in_memory(test.subset(test_rows), size), remap[test.labels[test_rows]], test_split)
+    return _Subset([data.classes[c] for c in keep], _in_memory(train.subset(rows), pre), remap[train.labels[rows]],
+                   _in_memory(test.subset(test_rows), pre), remap[test.labels[test_rows]], test_split)
 
 
 def finetune(*, strategy: str = "partial", model: str = "resnet18", dataset: str = "cifar10",
@@ -166,8 +170,8 @@ def finetune(*, strategy: str = "partial", model: str = "resnet18", dataset: str
         raise ProbeError(f"--seed must be 0 or more and curve_test positive, not {seed} and {curve_test}")
     if epochs < 1 or batch_size < 1:
         raise ProbeError(f"epochs and batch size must be positive, not {epochs} and {batch_size}")
-    spec = get_spec(model)
-    size = resolution or spec.resolution
+    spec = resolve(model)
+    pre = spec.preprocess.at(resolution)
     dev = resolve_device(device)
     if lp_epochs is None:  # a head from probe fit is already a converged linear probe: fine-tune from it
         lp_epochs = 0 if init_head else epochs // 2
@@ -175,9 +179,10 @@ def finetune(*, strategy: str = "partial", model: str = "resnet18", dataset: str
     if not 0 <= lp_epochs <= epochs:
         raise ProbeError(f"--lp-epochs must be between 0 and --epochs ({epochs}), not {lp_epochs}")
     t_start = time.perf_counter()
-    data = _load(dataset, data_dir, size, classes, train_per_class, seed, test_fraction)
-    out_dir = Path(out) if out else Path(runs_dir) / f"finetune__{dataset.replace('/', '-').replace(':', '-')}__{model}__{strategy}"
-    config = {"strategy": strategy, "model": model, "dataset": dataset, "weights": weights, "resolution": size,
+    data = _load(dataset, data_dir, pre, classes, train_per_class, seed, test_fraction)
+    safe = lambda text: re.sub(r"[^A-Za-z0-9._+-]+", "-", text).strip("-")  # noqa: E731 (a name, not a path)
+    out_dir = Path(out) if out else Path(runs_dir) / f"finetune__{safe(dataset)}__{safe(model)}__{strategy}"
+    config = {"strategy": strategy, "model": model, "dataset": dataset, "weights": weights, "resolution": pre.size,
               "classes": data.classes, "train_per_class": train_per_class, "seed": seed, "epochs": epochs,
               "lp_epochs": lp_epochs, "batch_size": batch_size, "optimizer": optimizer, "lr": lr, "head_lr": head_lr,
               "weight_decay": weight_decay, "schedule": schedule, "augmentation": augmentation,
@@ -185,7 +190,8 @@ def finetune(*, strategy: str = "partial", model: str = "resnet18", dataset: str
               "curve_test": curve_test}
 
     torch.manual_seed(seed)
-    net = Classifier(model, weights, size, len(data.classes))
+    net = Classifier(model, weights, pre, len(data.classes))
+    last_stage = spec.last_stage or getattr(net.backbone, "last_stage", None) or partial_prefixes(net.backbone)
     if init_head:
         _init_from_head(net.fc, init_head, data.classes)
     net = net.to(dev).to(memory_format=torch.channels_last)
@@ -198,7 +204,7 @@ def finetune(*, strategy: str = "partial", model: str = "resnet18", dataset: str
         for i in range(0, len(order), batch_size):
             idx = order[i:i + batch_size]
             images = X[idx].to(dev, non_blocking=True).permute(0, 3, 1, 2).float()
-            yield augment(images, size, augmentation, torch.rand(len(idx), 5, generator=g)), y[idx.to(dev)]
+            yield augment(images, pre, augmentation, torch.rand(len(idx), 5, generator=g)), y[idx.to(dev)]
 
     test_split = Split(labels=data.test_labels, pixels=data.test_pixels)
     # The per-epoch curve on a fixed seeded subset of the test images when curve_test is given (cheaper);
@@ -211,7 +217,7 @@ def finetune(*, strategy: str = "partial", model: str = "resnet18", dataset: str
         split = test_split if rows is None else test_split.subset(rows)
         correct = 0
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=amp):
-            for i, images in enumerate(iter_batches(split, size, 256, dev)):
+            for i, images in enumerate(iter_batches(split, pre, 256, dev)):
                 labels = torch.from_numpy(split.labels[i * 256:(i + 1) * 256]).to(dev)
                 correct += (net(images).argmax(1) == labels).sum().item()
         return correct / len(split)
@@ -224,7 +230,7 @@ def finetune(*, strategy: str = "partial", model: str = "resnet18", dataset: str
         stage_start = 0 if stage != "ft" else lp_epochs
         if len(history) >= stage_end:
             continue  # finished before a resume
-        set_trainable(net, stage_strategy, spec.last_stage, unfreeze, bn)
+        set_trainable(net, stage_strategy, last_stage, unfreeze, bn)
         opt, sched = _optimizer(net, optimizer, schedule, lr, head_lr, weight_decay, stage_end - stage_start, stage)
         if state and state["stage"] == stage:
             net.load_state_dict(state["model"])
@@ -250,11 +256,11 @@ def finetune(*, strategy: str = "partial", model: str = "resnet18", dataset: str
     if state:  # every epoch was done before this resume: the model is the checkpoint's, not a new one
         net.load_state_dict(state["model"])
 
-    set_trainable(net, "full" if strategy == "lp-ft" else strategy, spec.last_stage, unfreeze, bn)
+    set_trainable(net, "full" if strategy == "lp-ft" else strategy, last_stage, unfreeze, bn)
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
     wall = time.perf_counter() - t_start
     metrics = {
-        "kind": "finetune", "method": f"finetune-{strategy}", "model": model, "weights": weights, "resolution": size,
+        "kind": "finetune", "method": f"finetune-{strategy}", "model": model, "weights": weights, "resolution": pre.size,
         "dataset": dataset, "classes": data.classes, "n_train": int(len(data.labels)), "n_test": int(len(data.test_labels)),
         "test_split": data.test_split,
         "test_accuracy": history[-1]["test_accuracy"] if curve_rows is None else evaluate(),

@@ -18,7 +18,7 @@ from sklearn.metrics import confusion_matrix
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from probe.backbones import weights_identity
+from probe.backbones import resolve, weights_identity
 from probe.cache import FeatureCache, open_cache
 from probe.errors import ProbeError
 from probe.extract import resolve_cache
@@ -36,19 +36,20 @@ class FitResult:
 
 def find_cache(*, features: str | None = None, model: str | None = None, dataset: str = "cifar10",
                weights: str = "default", resolution: int | None = None, dtype: str = "float32",
-               data_dir: str = "data", cache_dir: str = "cache") -> FeatureCache:
+               data_dir: str = "data", cache_dir: str = "cache", pool: str | None = None) -> FeatureCache:
     """The cache named by `features`, or the one `probe extract` with the same options writes."""
     if features is not None:
         cache = open_cache(features)
-        if model is not None and cache.key["model"] != model:
+        if model is not None and cache.key["model"] != model and cache.key["model"] != resolve(model).name:
             raise ProbeError(f"{features} holds {cache.key['model']} features, not {model}; drop --model or "
                              f"run probe extract --model {model}")
         return cache
     model = model or "resnet18"
     _, _, path = resolve_cache(model=model, dataset=dataset, weights=weights, resolution=resolution, dtype=dtype,
-                               data_dir=data_dir, cache_dir=cache_dir, download=False)
+                               data_dir=data_dir, cache_dir=cache_dir, download=False, pool=pool)
     if not path.exists():
         options = [f"--model {model}", f"--dataset {dataset}"]
+        options += [f"--pool {pool}"] if pool else []
         options += [f"--weights {weights}"] if weights != "default" else []
         options += [f"--resolution {resolution}"] if resolution else []
         options += [f"--dtype {dtype}"] if dtype != "float32" else []
@@ -169,12 +170,13 @@ def fit(*, head: str = "logreg", features: str | None = None, model: str | None 
         cache_dir: str = "cache", out: str | None = None, classes: list[str] | None = None,
         train_per_class: int | None = None, seed: int = 0, C: float | None = None, k: int | None = None,
         epochs: int | None = None, device: str = "auto", runs_dir: str = "runs",
-        test_fraction: float | None = None, class_weight: str | None = None, views: int | None = None) -> FitResult:
+        test_fraction: float | None = None, class_weight: str | None = None, views: int | None = None,
+        pool: str | None = None) -> FitResult:
     """Fit head `head` on a feature cache, evaluate it on the test split, and save both under `out`."""
     if seed < 0:  # before anything draws from default_rng(seed)
         raise ProbeError(f"--seed must be 0 or more, not {seed}")
     cache = find_cache(features=features, model=model, dataset=dataset, weights=weights, resolution=resolution,
-                       dtype=dtype, data_dir=data_dir, cache_dir=cache_dir)
+                       dtype=dtype, data_dir=data_dir, cache_dir=cache_dir, pool=pool)
     names, X, y, Xt, yt, test_split, train_rows = select(cache, classes=classes, train_per_class=train_per_class,
                                                          seed=seed, test_fraction=test_fraction)
     n_images, n_views, fit_params = len(y), cache.views if views is None else views, {}
@@ -209,7 +211,7 @@ def fit(*, head: str = "logreg", features: str | None = None, model: str | None 
     per_class = {n: float((predicted[yt == i] == i).mean()) if (yt == i).any() else None for i, n in enumerate(names)}
     key = cache.key
     metrics = {
-        "kind": "fit", "method": head, "model": key["model"], "weights": key["weights"],
+        "kind": "fit", "method": head, "model": key["model"], "pool": key.get("pool"), "weights": key["weights"],
         "resolution": key["resolution"], "dataset": key["dataset"], "cache": str(cache.path),
         "classes": names, "n_train": int(n_images), "n_test": int(len(yt)), "test_split": test_split,
         "views": int(n_views), "augment": cache.key.get("augment") if n_views else None, "n_train_rows": int(len(y)),
@@ -230,7 +232,8 @@ def fit(*, head: str = "logreg", features: str | None = None, model: str | None 
                                                                 class_weight, views)
     artifact = {"format": HEAD_FORMAT, "pipeline": pipeline, "classes": names, "model": key["model"],
                 "weights": weights_source(cache, weights), "weights_identity": key["weights"], "resolution": key["resolution"],
-                "preprocessing": key["preprocessing"], "feature_dim": cache.feature_dim, "cache": str(cache.path)}
+                "preprocessing": key["preprocessing"], "pool": key.get("pool"), "feature_dim": cache.feature_dim,
+                "cache": str(cache.path)}
     save_run(out_dir, artifact, metrics)
     return FitResult(out_dir, metrics)
 
@@ -243,11 +246,11 @@ def weights_source(cache: FeatureCache, weights_option: str | None = None) -> st
     its content has that same hash (the file was moved).
     """
     identity = cache.key["weights"]
-    if identity in ("default", "none"):
-        return identity
+    if identity in ("default", "none") or identity.startswith("default-"):  # default-<hash>: a saved model's own
+        return identity.partition("-")[0]
     recorded = cache.attrs.get("weights_path", "")
     for candidate in (recorded, weights_option):
-        if candidate and candidate not in ("default", "none") and Path(candidate).is_file() \
+        if candidate and candidate not in ("default", "none") and Path(candidate).exists() \
                 and weights_identity(candidate) == identity:
             return str(Path(candidate).resolve())
     raise ProbeError(f"{cache.path.name} was extracted with weights file {recorded or '(path not recorded)'} "

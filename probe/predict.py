@@ -7,8 +7,9 @@ from pathlib import Path
 
 import torch
 
-from probe.backbones import weights_identity
-from probe.data import read_image, resize_center_crop
+from probe.backbones import Preprocess, resolve
+from probe.data import read_image
+from probe.preprocess import resize_center_crop
 from probe.device import resolve_device
 from probe.errors import ProbeError
 from probe.extract import Embedder
@@ -28,18 +29,21 @@ def predict(head: str | os.PathLike, images: list[str | os.PathLike], *, top_k: 
     if top_k < 1:
         raise ProbeError(f"--top-k must be positive, not {top_k}")
     artifact = load_head(head)
-    weights = artifact["weights"]
-    if weights not in ("default", "none"):
-        if not Path(weights).is_file():
-            raise ProbeError(f"the head's backbone weights file {weights} is gone; put it back or fit the head again")
-        if weights_identity(weights) != artifact["weights_identity"]:
-            raise ProbeError(f"the head's backbone weights file {weights} has changed since the head was fitted "
-                             f"(now {weights_identity(weights)}, fitted on {artifact['weights_identity']}); "
-                             "put the original back or fit the head again")
-    embed = Embedder(artifact["model"], weights, artifact["resolution"], resolve_device(device))
-    if embed.spec.feature_dim != artifact["feature_dim"]:
+    weights, spec = artifact["weights"], resolve(artifact["model"])
+    if weights not in ("default", "none") and not Path(weights).exists():
+        raise ProbeError(f"the head's backbone weights file {weights} is gone; put it back or fit the head again")
+    if artifact["weights_identity"] not in ("default", "none"):  # a file, a folder, a saved model's own weights
+        now = spec.weights_identity(weights)
+        if now != artifact["weights_identity"]:
+            raise ProbeError(f"the head's backbone weights ({weights} of {artifact['model']}) has changed since the "
+                             f"head was fitted (now {now}, fitted on {artifact['weights_identity']}); put the "
+                             "original back or fit the head again")
+    # The preprocessing and pool the cache was extracted with (heads of probe 0.2 record the older transform).
+    pre = Preprocess.from_dict(artifact["preprocessing"], artifact["resolution"])
+    embed = Embedder(artifact["model"], weights, pre, artifact.get("pool"), resolve_device(device))
+    if embed.feature_dim != artifact["feature_dim"]:
         raise ProbeError(f"head {head} expects {artifact['feature_dim']}-wide features, but {artifact['model']} "
-                         f"gives {embed.spec.feature_dim}")
+                         f"gives {embed.feature_dim}")
     pipeline, classes = artifact["pipeline"], artifact["classes"]
     results: list[dict] = [{"image": str(image)} for image in images]
     batch, rows = [], []
@@ -60,7 +64,7 @@ def predict(head: str | os.PathLike, images: list[str | os.PathLike], *, top_k: 
         except ProbeError as e:
             results[row]["error"] = str(e)
             continue
-        batch.append(resize_center_crop(pixels, embed.resolution)[0])
+        batch.append(resize_center_crop(pixels, pre)[0])
         rows.append(row)
         if len(batch) == BATCH_SIZE:
             flush()

@@ -2,14 +2,15 @@ import pytest
 import torch
 from torch import nn
 
-from probe.backbones import REGISTRY, create_backbone, lite0_state_dict_to_timm
+from probe.backbones import create_backbone, resolve, short_names
+from probe.backbones.timm import lite0_state_dict_to_timm
 from probe.errors import ProbeError
 
 
-@pytest.mark.parametrize("name", list(REGISTRY))
+@pytest.mark.parametrize("name", short_names())
 def test_each_backbone_gives_features_of_its_declared_width(name):
-    spec = REGISTRY[name]
-    model = create_backbone(name, "none", resolution=32)
+    spec = resolve(name)
+    model = create_backbone(name, "none", 32)
     assert not model.training
     assert not any(p.requires_grad for p in model.parameters())
     # The classifier is replaced, not resized in place: no 1000-way layer is left.

@@ -3,14 +3,14 @@
 import json
 
 from conftest import assert_one_line_error, copy_sample
-from probe.backbones import REGISTRY
+from probe.backbones import describe_models
 
 
 def test_models_lists_every_backbone(run_cli):
     result = run_cli("models")
     assert result.exit_code == 0
-    for name, spec in REGISTRY.items():
-        assert any(line.startswith(name) and f" {spec.feature_dim} " in line for line in result.output.splitlines())
+    for row in describe_models():
+        assert any(line.startswith(row["model"]) and f" {row['features']} " in line for line in result.output.splitlines())
 
 
 def test_demo_options(run_cli, tmp_path):

@@ -15,6 +15,7 @@ from PIL import Image
 
 from conftest import SAMPLE_RES, assert_one_line_error, copy_sample, write_image
 from probe.cache import open_cache
+from probe.preprocess import Preprocess
 from probe.data import SAMPLE_DIR, load_dataset
 from probe.data import augment
 from probe.finetune import _load
@@ -142,7 +143,7 @@ def test_finetune_trains_on_the_frame_that_evaluation_shows(tmp_path):
         assert pixels.shape[1:] == (24, 24, 3) and pixels[..., 0].max() == 0
     images = torch.from_numpy(data.pixels).permute(0, 3, 1, 2).float()
     for kind in ("rrc", "crop", "none"):
-        views = augment(images, 32, kind, torch.rand(len(images), 5))
+        views = augment(images, Preprocess(32, 32), kind, torch.rand(len(images), 5))
         assert views[:, 0].max() < 1, kind  # no red anywhere (the crop's zero padding is black)
 
 

@@ -68,14 +68,16 @@ def test_mixed_sizes_and_modes_go_through_both_image_paths(mixed_folder, tmp_pat
 def test_small_images_give_the_same_features_through_the_array_and_the_worker_path(tmp_path):
     from probe.data import decode_small, iter_batches
     from probe.extract import Embedder, resolve_device
+    from probe.preprocess import Preprocess
 
     split = load_dataset("sample").splits["test"]
     split.paths, split.labels = split.paths[:8], split.labels[:8]
-    embed = Embedder("resnet18", "none", 64, resolve_device("cpu"))
+    pre = Preprocess(64, 64)
+    embed = Embedder("resnet18", "none", pre, None, resolve_device("cpu"))
     as_array = decode_small(split)
     assert as_array.pixels is not None
-    a = np.concatenate([embed(b).numpy() for b in iter_batches(as_array, 64, 4, embed.device)])
-    b = np.concatenate([embed(b).numpy() for b in iter_batches(split, 64, 4, embed.device, num_workers=0)])
+    a = np.concatenate([embed(b).numpy() for b in iter_batches(as_array, pre, 4, embed.device)])
+    b = np.concatenate([embed(b).numpy() for b in iter_batches(split, pre, 4, embed.device, num_workers=0)])
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
@@ -153,7 +155,7 @@ def test_truncated_or_incomplete_cache_is_refused_naming_the_file(sample_cache, 
     (["--dataset", "sample", "--batch-size", "0"], ["batch size must be positive"]),
     (["--dataset", "sample", "--dtype", "int8"], ["unknown dtype"]),
     (["--dataset", "sample", "--device", "tpu"], ["unknown device"]),
-    (["--dataset", "sample", "--weights", "/no/such/file.pt"], ["weights file", "not found"]),
+    (["--dataset", "sample", "--weights", "/no/such/file.pt"], ["weights /no/such/file.pt", "not found"]),
 ])
 def test_bad_extract_input_is_one_line_and_exit_code_2(run_cli, tmp_path, args, words):
     assert_one_line_error(run_cli("extract", *args), *words)

@@ -9,6 +9,7 @@ from PIL import Image
 
 from conftest import assert_one_line_error, copy_sample
 from probe.errors import ProbeError
+from probe.preprocess import Preprocess
 from probe.data import augment
 from probe.finetune import Classifier, finetune, set_trainable, train_mode
 
@@ -101,13 +102,13 @@ def test_augment_is_random_per_image_and_keeps_the_size():
     images = torch.arange(2 * 3 * 32 * 32, dtype=torch.float32).reshape(2, 3, 32, 32).repeat(4, 1, 1, 1)
     rand = torch.rand(8, 5, generator=g)
     for kind in ("rrc", "crop", "flip"):
-        out = augment(images, 48, kind, rand)
+        out = augment(images, Preprocess(48, 48), kind, rand)
         assert out.shape == (8, 3, 48, 48)
         if kind != "flip":  # two flips of the same image can be the same coin toss
             assert not torch.equal(out[0], out[2])  # the same image, two different crops
         # A view depends on its own random numbers only, not on the rest of the batch.
-        torch.testing.assert_close(augment(images[2:3], 48, kind, rand[2:3])[0], out[2])
-    assert torch.equal(augment(images, 32, "none", rand), images)
+        torch.testing.assert_close(augment(images[2:3], Preprocess(48, 48), kind, rand[2:3])[0], out[2])
+    assert torch.equal(augment(images, Preprocess(32, 32), "none", rand), images)
 
 
 @pytest.mark.parametrize("head", ["logreg", "linear"])

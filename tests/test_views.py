@@ -61,11 +61,12 @@ def test_views_of_non_square_small_images_crop_the_frame_the_plain_features_show
     import torch
 
     from probe.extract import _view_transform
+    from probe.preprocess import Preprocess
 
     image = torch.zeros(1, 3, 24, 48)
     image[:, 0, :, :12] = image[:, 0, :, 36:] = 255
     image[:, 2, :, 12:36] = 255
     for kind in ("rrc", "crop", "flip"):
         for view in range(4):
-            seen = _view_transform(1, 32, kind, view)(image, 0)
+            seen = _view_transform(1, Preprocess(32, 32), kind, view)(image, 0)
             assert seen.shape == (1, 3, 32, 32) and seen[:, 0].max() < 1, kind

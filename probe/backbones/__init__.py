@@ -1,0 +1,258 @@
+"""The backbone registry: any `--model` becomes a frozen feature extractor with its own preprocessing.
+
+A model name picks a family module, each answering the same small interface:
+
+    resnet18, ..., efficientnet_lite0      the seven short names (torchvision.py, and timm.py for lite0)
+    timm:<name>[.<tag>]                     timm.py
+    hf:<repo id or local folder>            hf.py (needs `pip install "probe[hf]"`)
+    open_clip:<arch>/<pretrained tag>       open_clip.py (needs `pip install "probe[clip]"`)
+
+`resolve(name)` returns a ModelSpec: the canonical name, the model's own evaluation preprocessing
+(Preprocess), the --pool choices (the first is the default, the feature its authors probe) and a
+builder. `create_backbone(name, weights, preprocess, pool)` returns a frozen module mapping normalized
+images [N, 3, S, S] to pooled features [N, D], with `feature_dim` set. Stages never ask which family
+they hold.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import math
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from probe.errors import ProbeError
+from probe.preprocess import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, Preprocess
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ModelSpec", "Preprocess", "create_backbone", "resolve", "weights_identity"]
+FAMILIES = ("torchvision", "timm", "hf", "open_clip")
+EXTRAS = {"hf": ("transformers", "probe[hf]"), "open_clip": ("open_clip", "probe[clip]")}
+
+
+def preprocess_from_crop(size: int, crop_pct: float, interpolation: str, mean, std, mode: str = "shortest") -> Preprocess:
+    """timm's rule: resize to floor(size / crop_pct), then center crop `size`."""
+    if interpolation not in INTERPOLATIONS:
+        interpolation = "bicubic"  # lanczos, box, hamming and 'random' are done as bicubic (README)
+    return Preprocess(size, math.floor(size / crop_pct), interpolation, mode, tuple(mean), tuple(std))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a --model name means, known before anything is built or downloaded."""
+
+    name: str  # canonical: stored in cache keys and heads, accepted back by resolve()
+    family: str
+    preprocess: Preprocess  # the model's own evaluation transform at its native resolution
+    pools: tuple[str, ...]  # --pool choices; pools[0] is the default
+    weights_name: str  # what --weights default loads
+    build: Callable[..., nn.Module] = field(repr=False)  # (weights, preprocess, pool) -> module [N, D]
+    feature_dim: int | None = None  # when known without building
+    last_stage: tuple[str, ...] | None = None  # parameter prefixes `finetune --strategy partial` trains
+    local: Path | None = None  # the folder holding the model's own weights (a saved model), if any
+
+    def weights_identity(self, weights: str) -> str:
+        """What the features' weights are: weights_identity(weights), except that the default weights of
+        a saved folder are identified by the folder's content (a re-saved model is another cache)."""
+        if weights == "default" and self.local is not None:
+            return f"default-{hash_folder(self.local)}"
+        return weights_identity(weights)
+
+    def resolve_pool(self, pool: str | None) -> str:
+        if pool is None or pool == self.pools[0]:
+            return self.pools[0]
+        if pool not in self.pools:
+            if len(self.pools) == 1:
+                raise ProbeError(f"--pool {pool}: {self.name} gives one feature only ({self.pools[0]}, its own "
+                                 "pooling); --pool cls/avg/cls+avg are for token models (ViTs)")
+            raise ProbeError(f"unknown --pool {pool!r} for {self.name}: choose one of {', '.join(self.pools)}")
+        return pool
+
+
+def resolve(name: str) -> ModelSpec:
+    """The ModelSpec of a --model value; one-line ProbeError for unknown names or a missing extra."""
+    family, _, rest = name.partition(":")
+    if not rest:
+        if name in short_names():
+            return _short_name_specs()[name]()
+        raise ProbeError(f"unknown model {name!r}: choose one of {', '.join(short_names())}, or "
+                         "timm:<name>, hf:<repo or folder>, open_clip:<arch>/<tag> (probe models --search WORD)")
+    if family == "open-clip":
+        family = "open_clip"
+    if family not in FAMILIES[1:]:
+        raise ProbeError(f"unknown model family {family!r} in {name!r}: use timm:, hf: or open_clip:")
+    return family_module(family).resolve(rest)
+
+
+def family_module(family: str):
+    """The module of a family, with a one-line hint when its optional library is missing."""
+    if family in EXTRAS:
+        library, extra = EXTRAS[family]
+        try:
+            importlib.import_module(library)
+        except ImportError:
+            raise ProbeError(f"--model {family}:... needs {library}: pip install \"{extra}\"") from None
+    return importlib.import_module(f"probe.backbones.{family}")
+
+
+def create_backbone(name: str, weights: str = "default", preprocess: Preprocess | int | None = None,
+                    pool: str | None = None) -> nn.Module:
+    """Build model `name` as a frozen feature extractor in eval mode, its classifier removed.
+
+    weights: "default" (the model's pretrained weights, as its library gets them), "none" (random
+    init, seeded: the same network every time) or a path (a state-dict file, or a saved folder for hf
+    and open_clip). preprocess: the input transform (an int: the model's own at that size).
+    """
+    spec = resolve(name)
+    if not isinstance(preprocess, Preprocess):
+        preprocess = spec.preprocess.at(preprocess)
+    pool = spec.resolve_pool(pool)
+    if weights not in ("default", "none") and not Path(weights).exists():
+        raise ProbeError(f"weights {weights} not found: give --weights default, none, or a file or saved folder")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = spec.build(weights, preprocess, pool)
+    model.eval().requires_grad_(False)
+    return model
+
+
+def weights_identity(weights: str) -> str:
+    """A short stable name for a --weights value: 'default', 'none', 'file-<sha256 prefix>' or
+    'dir-<sha256 prefix>' (every file of a saved folder, names and contents)."""
+    if weights in ("default", "none"):
+        return weights
+    path = Path(weights)
+    if path.is_dir():
+        return f"dir-{hash_folder(path)}"
+    if not path.is_file():
+        raise ProbeError(f"weights {weights} not found: give --weights default, none, or a file or saved folder")
+    return f"file-{hash_file(path)}"
+
+
+def hash_file(path: Path, digest=None) -> str:
+    digest = digest or hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:12]
+
+
+def hash_folder(path: Path) -> str:
+    digest = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file() and ".cache" not in p.parts):
+        digest.update(str(f.relative_to(path)).encode() + b"\0")
+        hash_file(f, digest)
+    return digest.hexdigest()[:12]
+
+
+def load_state_dict_file(path: str) -> dict:
+    """A state dict from a torch checkpoint or a .safetensors file; training checkpoints are unwrapped."""
+    expected = "expected a file written by torch.save(model.state_dict(), PATH) or a .safetensors file"
+    try:
+        if str(path).endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state_dict = load_file(path)
+        else:
+            with warnings.catch_warnings():  # torch warns about foreign pickle protocols before failing
+                warnings.simplefilter("ignore")
+                state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # text, an empty file, a foreign pickle: the errors come in many types
+        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise ProbeError(f"weights file {path} is not a PyTorch checkpoint or state dict ({reason}); {expected}") from None
+    for wrapper in ("state_dict", "model_state_dict", "model"):  # training checkpoints nest the weights
+        if isinstance(state_dict, dict) and isinstance(state_dict.get(wrapper), dict):
+            state_dict = state_dict[wrapper]
+            break
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        what = f"a {type(state_dict).__name__}" if not isinstance(state_dict, dict) else "a dict of non-tensors"
+        raise ProbeError(f"weights file {path} is not a PyTorch checkpoint or state dict (it holds {what}); {expected}")
+    return state_dict
+
+
+def load_strict(model: nn.Module, state_dict: dict, what: str, name: str, skip: tuple[str, ...] = ()) -> None:
+    """Load every tensor (keys under a `skip` prefix, the classifier, may be absent or of any shape);
+    name the keys that do not fit."""
+    own = model.state_dict()
+    state_dict = {k: v for k, v in state_dict.items() if not k.startswith(skip)}
+    missing = [k for k in own if k not in state_dict and not k.startswith(skip)]
+    unexpected = [k for k in state_dict if k not in own]
+    wrong_shape = [k for k in state_dict if k in own and tuple(state_dict[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong_shape:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
+            if keys:
+                parts.append(f"{label} keys ({len(keys)}): {', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''}")
+        raise ProbeError(f"{what} does not fit {name}: " + "; ".join(parts))
+    model.load_state_dict(state_dict, strict=False)
+
+
+def pool_tokens(tokens: torch.Tensor, pool: str, prefix_tokens: int = 1) -> torch.Tensor:
+    """cls, avg or cls+avg of final-norm tokens [N, T, D] whose first `prefix_tokens` are the class
+    token and any registers."""
+    if tokens.ndim != 3:
+        raise ProbeError(f"--pool {pool} needs a token model; this one outputs a {tokens.ndim}-d feature map")
+    cls, avg = tokens[:, 0], tokens[:, prefix_tokens:].mean(1)
+    return {"cls": cls, "avg": avg, "cls+avg": torch.cat([cls, avg], 1)}[pool]
+
+
+def partial_prefixes(net: nn.Module) -> tuple[str, ...]:
+    """The parameters `finetune --strategy partial` trains when a model names no last stage: the last
+    of its repeated blocks (the longest run of `<prefix>.<i>.` in parameter names) and everything
+    registered after it (final norm, pooler)."""
+    names = [n for n, _ in net.named_parameters()]
+    runs: dict[str, set[int]] = {}
+    for n in names:
+        m = re.match(r"(.+?)\.(\d+)\.", n)
+        if m:
+            runs.setdefault(m[1], set()).add(int(m[2]))
+    if not runs:
+        return ("",)
+    prefix = max(runs, key=lambda p: len(runs[p]))
+    start = f"{prefix}.{max(runs[prefix])}."
+    first = next(i for i, n in enumerate(names) if n.startswith(start))
+    return (start, *(n for n in names[first:] if not n.startswith(start)))
+
+
+def _short_name_specs() -> dict[str, Callable[[], ModelSpec]]:
+    from probe.backbones import timm as timm_family
+    from probe.backbones import torchvision as tv
+
+    return {**tv.SPECS, "efficientnet_lite0": timm_family.lite0}
+
+
+def short_names() -> list[str]:
+    """The seven ImageNet backbones known by a bare name."""
+    return ["resnet18", "resnet50", "efficientnet_b0", "convnext_tiny", "vit_b_16", "vgg16", "efficientnet_lite0"]
+
+
+def describe_models() -> list[dict]:
+    """One row per short name, for `probe models`."""
+    rows = []
+    for name in short_names():
+        s = resolve(name)
+        rows.append({"model": s.name, "features": s.feature_dim, "resolution": s.preprocess.size,
+                     "resize": s.preprocess.resize, "interpolation": s.preprocess.interpolation,
+                     "mean": s.preprocess.mean, "std": s.preprocess.std, "weights": s.weights_name})
+    return rows
+
+
+def search_models(query: str) -> list[dict]:
+    """Pretrained names matching `query` from timm and, when installed, open_clip: {model, features,
+    resolution} (None where not cheap to know)."""
+    from probe.backbones import timm as timm_family
+
+    rows = timm_family.search(query)
+    try:
+        import open_clip  # noqa: F401
+    except ImportError:
+        return rows
+    from probe.backbones import open_clip as open_clip_family
+
+    return rows + open_clip_family.search(query)

