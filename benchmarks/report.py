@@ -204,12 +204,33 @@ def fingerprint(r: dict) -> list[str]:
     ]
 
 
+def layers(r: dict) -> list[str]:
+    s = r["settings"]
+    lines = [
+        f"**Layers** (`benchmarks/results/layers.json`, chart `layers_depth.png` beside it; {_machine(r)}): {s['model']} at "
+        f"{s['resolution']} px, {s['train_per_class']} training and {s['test_per_class']} test images per class of the "
+        f"JPEG CIFAR-10. `probe extract --layers all` took **{r['layers_all_over_final_only']:.2f}x** the time of the "
+        "final-only extraction (best of "
+        f"{s['repeats']} each, alternating). Test accuracy of logreg (C sweep) on each block's pooled output:",
+        "",
+        "| layer | relative depth | width | " + " | ".join({"default": "pretrained", "none": "random init"}.get(
+            c["weights"], c["weights"]) for c in r["curves"]) + " |",
+        "|---|---:|---:|" + "---:|" * len(r["curves"]),
+    ]
+    for i, point in enumerate(r["curves"][0]["points"]):
+        accuracies = " | ".join(f"{c['points'][i]['test_accuracy']:.1%}" for c in r["curves"])
+        lines.append(f"| {point['layer']} | {point['depth']:.2f} | {point['width']:,} | {accuracies} |")
+    rises = "rises with depth" if r["pretrained_rises_with_depth"] else "does not rise steadily with depth"
+    return lines + ["", f"The pretrained curve {rises} (no block more than 2 points below the one before it).", "",
+                    _targets(r)]
+
+
 def render() -> str:
     parts = []
     for name, fn in (("speedup", speedup), ("speedup_full", speedup), ("heads", heads),
                      ("extract_throughput", throughput), ("extract_throughput_full", throughput),
                      ("strategies", strategies), ("bn_cause", bn_cause), ("views", views),
-                     ("fingerprint", fingerprint)):
+                     ("layers", layers), ("fingerprint", fingerprint)):
         r = _load(name)
         if r is not None:
             parts.append("\n".join(fn(r)))

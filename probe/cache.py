@@ -39,7 +39,8 @@ SPLITS = ("train", "test")
 
 
 def cache_key(*, dataset: str, fingerprint: str, model: str, family: str, weights: str, resolution: int,
-              preprocessing: dict, pool: str, dtype: str, views: int = 0, augment: str | None = None) -> dict:
+              preprocessing: dict, pool: str, dtype: str, views: int = 0, augment: str | None = None,
+              layers: list[str] | None = None) -> dict:
     """Everything that changes the features; any change gives another file: the data, the model (family,
     full name with its pretrained tag), the weights' identity, the resolved preprocessing, the pool.
     Augmented views enter the key only when there are some."""
@@ -48,6 +49,8 @@ def cache_key(*, dataset: str, fingerprint: str, model: str, family: str, weight
            "probe_format": FORMAT}
     if views:
         key.update(views=views, augment=augment)
+    if layers:  # only when there are some, so caches without layers keep their names
+        key["layers"] = list(layers)
     return key
 
 
@@ -67,6 +70,7 @@ def cache_path(cache_dir: str | os.PathLike, key: dict) -> Path:
     parts = [dataset, model, key["weights"], f"r{key['resolution']}", key["dtype"]]
     parts += [key["pool"]] if rest and key.get("pool") else []
     parts += [f"{key['views']}x{key['augment']}"] if key.get("views") else []
+    parts += [f"L{len(key['layers'])}"] if key.get("layers") else []
     parts.append(key_hash(key))
     return Path(cache_dir) / ("__".join(re.sub(r"[^A-Za-z0-9._-]+", "-", p) for p in parts) + ".h5")
 
@@ -126,7 +130,7 @@ class PartialCache:
         return np.concatenate(arrays)
 
     def finish(self, *, classes: list[str], labels: dict[str, np.ndarray], feature_dim: int, versions: dict,
-               weights_path: str = "") -> Path:
+               weights_path: str = "", layer_dims: dict[str, int] | None = None) -> Path:
         """Assemble the shards into the final HDF5 file (atomically) and remove them.
 
         weights_path: the absolute path of the weights file the features came from ("" for default or
@@ -139,7 +143,7 @@ class PartialCache:
         check_space(self.final.parent, shard_bytes + sum(8 * len(v) for v in labels.values()) + (1 << 20),
                     f"assembling {self.final.name} (the shards in {self.dir.name} are kept)")
         try:
-            self._assemble(tmp, classes, labels, feature_dim, versions, weights_path)
+            self._assemble(tmp, classes, labels, feature_dim, versions, weights_path, layer_dims or {})
             publish(tmp, self.final)
         except OSError as e:
             raise ProbeError(f"cannot write {self.final}: {e.strerror or str(e).splitlines()[0]}; the shards in "
@@ -153,7 +157,7 @@ class PartialCache:
         """The shard series of the augmented training views, view0, view1, ..."""
         return [f"view{v}" for v in range(self.key.get("views", 0))]
 
-    def _assemble(self, tmp: Path, classes, labels, feature_dim, versions, weights_path) -> None:
+    def _assemble(self, tmp: Path, classes, labels, feature_dim, versions, weights_path, layer_dims) -> None:
         with h5py.File(tmp, "w") as f:
             for v, split in enumerate(self.view_splits()):  # train/views [K, N, D], one view at a time in memory
                 features = self.read(split)
@@ -170,7 +174,12 @@ class PartialCache:
                     raise ProbeError(f"{split}: {len(features)} features for {len(split_labels)} labels in {self.dir}")
                 rows = max(1, min(len(features), (1 << 20) // (feature_dim * features.itemsize)))
                 group = f.require_group(split)
-                group.create_dataset("features", data=features, chunks=(rows, feature_dim))
+                group.create_dataset("features", data=features[:, :feature_dim], chunks=(rows, feature_dim))
+                start = feature_dim  # the shards hold [final | layer 1 | layer 2 | ...]
+                for name, width in layer_dims.items():
+                    rows = max(1, min(len(features), (1 << 20) // (width * features.itemsize)))
+                    group.create_dataset(f"layers/{name}", data=features[:, start:start + width], chunks=(rows, width))
+                    start += width
                 group.create_dataset("labels", data=split_labels.astype(np.int64), chunks=(min(len(split_labels), 1 << 16),))
             key = self.key
             f.attrs.update({
@@ -181,6 +190,7 @@ class PartialCache:
                 "fingerprint": key["fingerprint"], "dtype": key["dtype"], "feature_dim": feature_dim,
                 "classes": json.dumps(classes), "versions": json.dumps(versions), "weights_path": weights_path,
                 "views": key.get("views", 0), "augment": key.get("augment") or "",
+                "layers": json.dumps(list(layer_dims)), "layer_dims": json.dumps(layer_dims),
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             })
             f.attrs["complete"] = True  # last, after everything else is in the file
@@ -216,11 +226,31 @@ class FeatureCache:
         except (OSError, KeyError) as e:
             raise ProbeError(f"cache {self.path} is corrupt ({e}); delete it and run probe extract again") from None
 
-    def load(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+    @property
+    def layers(self) -> list[str]:
+        """The blocks whose pooled features the file holds (`probe extract --layers`), in depth order."""
+        return json.loads(self.attrs.get("layers", "[]"))
+
+    def layer_group(self, layer: str) -> list[str]:
+        """The layers `--layer` names: one of them, or last4 (the last four, concatenated)."""
+        if not self.layers:
+            raise ProbeError(f"{self.path.name} holds no layers; extract them with probe extract --layers all ...")
+        if layer == "last4":
+            return self.layers[-4:]
+        if layer not in self.layers:
+            raise ProbeError(f"{self.path.name} holds no layer {layer!r}: choose last4 or one of {', '.join(self.layers)}")
+        return [layer]
+
+    def load(self, split: str, layer: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(features, labels) of a split; layer: a layer's pooled features instead (or last4)."""
         if split not in self.splits:
             raise ProbeError(f"cache {self.path} has no {split} split (its data set had no {split}/ folder)")
+        names = self.layer_group(layer) if layer else []
         try:
             with h5py.File(self.path, "r") as f:
+                if names:
+                    X = np.concatenate([f[f"{split}/layers/{n}"][...] for n in names], 1)
+                    return X, f[f"{split}/labels"][...]
                 return f[f"{split}/features"][...], f[f"{split}/labels"][...]
         except OSError as e:
             raise ProbeError(f"cache {self.path} is corrupt ({e}); delete it and run probe extract again") from None
@@ -249,6 +279,11 @@ def open_cache(path: str | os.PathLike) -> FeatureCache:
                 if features.ndim != 2 or features.shape[1] != dim or labels.shape != (features.shape[0],):
                     raise ProbeError(f"cache {path}: {s} features {features.shape} and labels {labels.shape} "
                                      f"do not fit width {dim}; {fix}")
+            for s in splits:
+                for name, width in json.loads(attrs.get("layer_dims", "{}")).items():
+                    if f[f"{s}/layers/{name}"].shape != (f[f"{s}/labels"].shape[0], width):
+                        raise ProbeError(f"cache {path}: {s}/layers/{name} is {f[f'{s}/layers/{name}'].shape}, not "
+                                         f"{width} wide for every image; {fix}")
             views = int(attrs.get("views", 0))
             if views and f["train/views"].shape != (views, *f["train/features"].shape):
                 raise ProbeError(f"cache {path}: train/views {f['train/views'].shape} does not hold {views} views "

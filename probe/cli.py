@@ -118,6 +118,8 @@ def models(search):
 @click.option("--views", type=int, help="Also store this many augmented views of each training image. [default: 0]")
 @click.option("--augment", help="The views' augmentation: rrc (RandomResizedCrop 0.6-1 + flip), crop "
                                 "(RandomCrop pad 4 + flip) or flip. [default: rrc]")
+@click.option("--layers", help="Also store a pooled feature of these blocks, in the same pass: all, last4, or "
+                               "NAME,NAME (probe layers --model M lists them).")
 @click.pass_obj
 @_errors_to_exit_codes
 def extract(obj, **options):
@@ -150,6 +152,8 @@ def extract(obj, **options):
 @click.option("--k", type=int, help="knn: neighbours. [default: 20]")
 @click.option("--epochs", type=int, help="linear/mlp: epochs. [default: 10]")
 @click.option("--views", type=int, help="Train on the first N augmented views the cache holds. [default: all of them]")
+@click.option("--layer", help="Fit on this layer of a cache extracted with --layers (a name, or last4: the last "
+                              "four concatenated). [default: the final feature]")
 @click.option("--class-weight", type=click.Choice(["balanced"]),
               help="logreg/linear/mlp: weight classes by n / (classes x count), scikit-learn's 'balanced'.")
 @click.option("--test-fraction", type=float,
@@ -294,6 +298,42 @@ def finetune(obj, as_json, classes, unfreeze, **options):
     result = run(**_kwargs(**options, classes=classes.split(",") if classes else None,
                            unfreeze=tuple(unfreeze) or None), progress=obj["progress"])
     _print_metrics(result.out, result.metrics, as_json)
+
+
+@main.command()
+@click.option("--model", required=True, help="A short name, timm:NAME, hf:REPO-OR-FOLDER or open_clip:ARCH/TAG.")
+@click.option("--pool", help="How token models' blocks are pooled (as for extract). [default: the family's]")
+@_errors_to_exit_codes
+def layers(model, pool):
+    """List the blocks a model offers to `probe extract --layers`, in depth order, with their width."""
+    from probe.backbones import describe_layers
+
+    rows = describe_layers(model, pool)
+    for r in rows:
+        click.echo(f"{r['layer']:<48}{r['width']:>7}")
+    click.echo(f"{len(rows)} layers; --layers all stores every one, last4 the last four")
+
+
+@main.command()
+@click.argument("caches", nargs=-1, type=click.Path())
+@click.option("--train-per-class", type=int, help="A balanced, seeded subset of N training images per class.")
+@click.option("--seed", type=int, help="Seed of the subset and the validation split. [default: 0]")
+@click.option("--runs-dir", help="Where the fits go (and are reused from). [default: runs]")
+@click.option("--out", help="Folder for depth.json, depth.md and depth.png. [default: runs/depth]")
+@click.option("--device", help="auto, cpu or cuda. [default: auto]")
+@click.pass_obj
+@_errors_to_exit_codes
+def depth(obj, caches, **options):
+    """Fit logreg on every layer of cache files extracted with --layers; chart test accuracy against
+    relative depth, one line per cache (two models, or pretrained against --weights none)."""
+    from probe.depth import depth as run
+
+    result = run(list(caches), **_kwargs(**options), progress=obj["progress"])
+    for c in result["curves"]:
+        best = max(c["points"], key=lambda p: p["test_accuracy"])
+        click.echo(f"{c['model']} ({c['weights']}): " + " ".join(f"{p['test_accuracy']:.1%}" for p in c["points"])
+                   + f"; best {best['layer']} {best['test_accuracy']:.2%}")
+    click.echo(f"saved {options.get('out') or 'runs/depth'}/depth.json, depth.md, depth.png")
 
 
 @main.command()

@@ -14,7 +14,7 @@ import torch
 from filelock import Timeout
 from tqdm.auto import tqdm
 
-from probe.backbones import Preprocess, create_backbone, resolve
+from probe.backbones import Preprocess, create_backbone, inner, pool_block, resolve, select_layers
 from probe.cache import PartialCache, cache_key, cache_path, open_cache
 from probe.data import AUGMENTATIONS, augment, center_square, decode_small, iter_batches, load_dataset
 from probe.device import is_out_of_memory, out_of_memory_error, resolve_device
@@ -44,10 +44,12 @@ class ExtractResult:
 def resolve_cache(*, model: str = "resnet18", dataset: str = "cifar10", weights: str = "default",
                   resolution: int | None = None, dtype: str = "float32", data_dir: str = "data",
                   cache_dir: str = "cache", download: bool = True, views: int = 0, augment: str = "rrc",
-                  pool: str | None = None):
+                  pool: str | None = None, layers: str | list[str] | None = None):
     """Load the data set and work out the cache file its features belong in: (dataset, key, path)."""
     spec = resolve(model)
     pre, pool = spec.preprocess.at(resolution), spec.resolve_pool(pool)
+    if layers:  # the names need the architecture (random init: no download)
+        layers = select_layers(create_backbone(model, "none", pre, pool), layers, spec.name)
     if dtype not in DTYPES:
         raise ProbeError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     if views < 0 or augment not in AUGMENTATIONS or augment == "none":
@@ -56,7 +58,7 @@ def resolve_cache(*, model: str = "resnet18", dataset: str = "cifar10", weights:
     data = load_dataset(dataset, data_dir=data_dir, download=download)
     key = cache_key(dataset=data.name, fingerprint=data.fingerprint, model=spec.name, family=spec.family,
                     weights=spec.weights_identity(weights), resolution=pre.size, preprocessing=pre.as_dict(),
-                    pool=pool, dtype=dtype, views=views, augment=augment)
+                    pool=pool, dtype=dtype, views=views, augment=augment, layers=layers or None)
     return data, key, cache_path(cache_dir, key)
 
 
@@ -64,12 +66,13 @@ def extract(*, model: str = "resnet18", dataset: str = "cifar10", weights: str =
             resolution: int | None = None, data_dir: str = "data", cache_dir: str = "cache",
             device: str = "auto", batch_size: int | None = None, dtype: str = "float32",
             num_workers: int | None = None, force: bool = False, views: int = 0, augment: str = "rrc",
-            pool: str | None = None, progress: bool = True) -> ExtractResult:
+            pool: str | None = None, layers: str | None = None, progress: bool = True) -> ExtractResult:
     """Run backbone `model` over both splits of `dataset` and write the features to the cache.
 
     model: a short name, timm:NAME, hf:REPO-OR-FOLDER or open_clip:ARCH/TAG; its own preprocessing
     is used (`resolution` overrides the size, keeping the crop fraction), and `pool` picks the
-    feature of token models (None: the default of the model's family).
+    feature of token models (None: the default of the model's family). layers: also store a pooled
+    feature of these blocks from the same pass ("all", "last4" or "NAME,NAME"; `probe layers`).
     views: also store this many augmented views (`augment`: rrc, crop or flip) of every training
     image, in train/views; the test split is only ever the evaluation transform. A complete cache file
     with the same key is reused (no backbone pass) unless `force`. An interrupted run resumes from its
@@ -80,7 +83,7 @@ def extract(*, model: str = "resnet18", dataset: str = "cifar10", weights: str =
     dev = resolve_device(device)
     data, key, path = resolve_cache(model=model, dataset=dataset, weights=weights, resolution=resolution,
                                     dtype=dtype, data_dir=data_dir, cache_dir=cache_dir, views=views, augment=augment,
-                                    pool=pool)
+                                    pool=pool, layers=layers)
     if path.exists() and not force and not os.access(path.parent, os.W_OK):
         open_cache(path)  # a complete cache on read-only storage: read it, no lock needed
         return ExtractResult(path, reused=True)
@@ -112,12 +115,30 @@ class Embedder:
 
     Extraction and `probe predict` both go through here, so they normalize the same way. On CUDA
     it runs in float16 autocast; channels_last is used on the CPU as well, where it was faster too.
+
+    layers ("all", "last4", or names): forward hooks also pool those blocks' outputs, on the device,
+    in the same pass; the output is then [final | layer 1 | layer 2 | ...], `layer_dims` wide each.
     """
 
-    def __init__(self, model: str, weights: str, pre: Preprocess, pool: str | None, device: torch.device):
+    def __init__(self, model: str, weights: str, pre: Preprocess, pool: str | None, device: torch.device,
+                 layers: str | list[str] | None = None):
         self.pre, self.device = pre, device
         self.net = create_backbone(model, weights, pre, pool).to(device).to(memory_format=torch.channels_last)
         self.feature_dim = self.net.feature_dim
+        self.layers, self.layer_dims, self._pooled = [], {}, {}
+        if layers:
+            self.layers = select_layers(self.net, layers, model)
+            root = inner(self.net)
+            token_pool = getattr(self.net, "pool", None)
+            prefix = getattr(self.net, "prefix_tokens", 0)
+            for name in self.layers:
+                root.get_submodule(name).register_forward_hook(
+                    lambda module, args, output, name=name: self._pooled.__setitem__(
+                        name, pool_block(output, token_pool, prefix)))
+            probe_image = torch.zeros(1, 3, pre.size, pre.size, device=device)
+            with torch.inference_mode():  # widths from one small pass
+                self.net(probe_image.contiguous(memory_format=torch.channels_last))
+            self.layer_dims = {name: self._pooled[name].shape[1] for name in self.layers}
         self.mean = torch.tensor(pre.mean, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(pre.std, device=device).view(1, 3, 1, 1) * 255
         self.forward_seconds = 0.0  # time spent in the backbone itself
@@ -146,6 +167,8 @@ class Embedder:
         t = time.perf_counter()
         with torch.autocast("cuda", dtype=torch.float16, enabled=self.device.type == "cuda"):
             features = self.net(x).float()
+        if self.layers:
+            features = torch.cat([features, *(self._pooled.pop(name) for name in self.layers)], 1)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         self.forward_seconds += time.perf_counter() - t
@@ -154,7 +177,7 @@ class Embedder:
 
 def _run(data, key, path, weights, dev, batch_size, num_workers, resume, progress) -> ExtractResult:
     pre = Preprocess.from_dict(key["preprocessing"], key["resolution"])
-    embed = Embedder(key["model"], weights, pre, key["pool"], dev)
+    embed = Embedder(key["model"], weights, pre, key["pool"], dev, layers=key.get("layers"))
     store = np.float16 if key["dtype"] == "float16" else np.float32
     parts = PartialCache(path, key)
     parts.start(resume=resume)
@@ -182,7 +205,10 @@ def _run(data, key, path, weights, dev, batch_size, num_workers, resume, progres
                 pending, shard_start, last_flush = [], row, time.perf_counter()
                 for images in iter_batches(split, pre, batch_size, dev, start=row, num_workers=num_workers,
                                            transform=transform):
-                    pending.append(embed.in_pieces(images).cpu().numpy().astype(store, copy=False))
+                    features = embed.in_pieces(images)
+                    if transform is not None:  # augmented views keep the final feature only
+                        features = features[:, :embed.feature_dim]
+                    pending.append(features.cpu().numpy().astype(store, copy=False))
                     row += len(images)
                     bar.update(len(images))
                     if time.perf_counter() - last_flush > SHARD_SECONDS or row == len(split):
@@ -197,7 +223,7 @@ def _run(data, key, path, weights, dev, batch_size, num_workers, resume, progres
     result.seconds = time.perf_counter() - t0
     result.forward_seconds = embed.forward_seconds
     parts.finish(classes=data.classes, labels={s: sp.labels for s, sp in data.splits.items()},
-                 feature_dim=embed.feature_dim, versions=_versions(),
+                 feature_dim=embed.feature_dim, versions=_versions(), layer_dims=embed.layer_dims,
                  weights_path="" if weights in ("default", "none") else str(Path(weights).resolve()))
     return result
 

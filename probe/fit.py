@@ -36,8 +36,10 @@ class FitResult:
 
 def find_cache(*, features: str | None = None, model: str | None = None, dataset: str = "cifar10",
                weights: str = "default", resolution: int | None = None, dtype: str = "float32",
-               data_dir: str = "data", cache_dir: str = "cache", pool: str | None = None) -> FeatureCache:
-    """The cache named by `features`, or the one `probe extract` with the same options writes."""
+               data_dir: str = "data", cache_dir: str = "cache", pool: str | None = None,
+               layer: str | None = None) -> FeatureCache:
+    """The cache named by `features`, or the one `probe extract` with the same options writes (with
+    `layer`: one extracted with --layers that holds it)."""
     if features is not None:
         cache = open_cache(features)
         if model is not None and cache.key["model"] != model and cache.key["model"] != resolve(model).name:
@@ -45,8 +47,19 @@ def find_cache(*, features: str | None = None, model: str | None = None, dataset
                              f"run probe extract --model {model}")
         return cache
     model = model or "resnet18"
-    _, _, path = resolve_cache(model=model, dataset=dataset, weights=weights, resolution=resolution, dtype=dtype,
-                               data_dir=data_dir, cache_dir=cache_dir, download=False, pool=pool)
+    _, key, path = resolve_cache(model=model, dataset=dataset, weights=weights, resolution=resolution, dtype=dtype,
+                                 data_dir=data_dir, cache_dir=cache_dir, download=False, pool=pool)
+    if layer is not None:  # the same key plus a set of layers that holds this one
+        for candidate in sorted(Path(cache_dir).glob(f"{path.stem.rsplit('__', 1)[0]}__L*.h5")):
+            try:
+                cache = open_cache(candidate)
+                other = {k: v for k, v in cache.key.items() if k != "layers"}
+                if other == json.loads(json.dumps(key)) and cache.layer_group(layer):
+                    return cache
+            except ProbeError:
+                continue
+        raise ProbeError(f"no cache of these options holds layer {layer!r}; run: probe extract --model {model} "
+                         f"--dataset {dataset} --layers all (and the same other options)")
     if not path.exists():
         options = [f"--model {model}", f"--dataset {dataset}"]
         options += [f"--pool {pool}"] if pool else []
@@ -72,20 +85,21 @@ class Selection(NamedTuple):
 
 
 def select(cache: FeatureCache, *, classes: list[str] | None = None, train_per_class: int | None = None,
-           seed: int = 0, test_fraction: float | None = None) -> Selection:
+           seed: int = 0, test_fraction: float | None = None, layer: str | None = None) -> Selection:
     """Load the splits, keep only `classes` (names or indices), and take a balanced seeded subset of train.
 
     A cache without a test split (a folder with train/ only) gets one: a seeded, stratified
     `test_fraction` (default 0.2) of its training images, held out before anything else sees train.
-    Labels are renumbered 0..len(classes)-1.
+    Labels are renumbered 0..len(classes)-1. layer: a layer the cache holds, or last4 (None: the
+    final feature).
     """
     keep = class_indices(cache.classes, classes)
-    X, y = cache.load("train")
+    X, y = cache.load("train", layer)
     index = np.arange(len(y))
     if "test" in cache.splits:
         if test_fraction is not None:
             raise ProbeError(f"{cache.path.name} has a test split; --test-fraction is for data sets without one")
-        Xt, yt = cache.load("test")
+        Xt, yt = cache.load("test", layer)
         test_split = "the data set's test split"
     else:
         fraction = TEST_FRACTION if test_fraction is None else test_fraction
@@ -171,15 +185,17 @@ def fit(*, head: str = "logreg", features: str | None = None, model: str | None 
         train_per_class: int | None = None, seed: int = 0, C: float | None = None, k: int | None = None,
         epochs: int | None = None, device: str = "auto", runs_dir: str = "runs",
         test_fraction: float | None = None, class_weight: str | None = None, views: int | None = None,
-        pool: str | None = None) -> FitResult:
+        pool: str | None = None, layer: str | None = None) -> FitResult:
     """Fit head `head` on a feature cache, evaluate it on the test split, and save both under `out`."""
     if seed < 0:  # before anything draws from default_rng(seed)
         raise ProbeError(f"--seed must be 0 or more, not {seed}")
     cache = find_cache(features=features, model=model, dataset=dataset, weights=weights, resolution=resolution,
-                       dtype=dtype, data_dir=data_dir, cache_dir=cache_dir, pool=pool)
+                       dtype=dtype, data_dir=data_dir, cache_dir=cache_dir, pool=pool, layer=layer)
     names, X, y, Xt, yt, test_split, train_rows = select(cache, classes=classes, train_per_class=train_per_class,
-                                                         seed=seed, test_fraction=test_fraction)
+                                                         seed=seed, test_fraction=test_fraction, layer=layer)
     n_images, n_views, fit_params = len(y), cache.views if views is None else views, {}
+    if layer is not None and n_views:
+        raise ProbeError("augmented views hold the final feature only: give --views 0 with --layer")
     if n_views:  # the augmented views of the same training images, each image a group of n_views + 1 rows
         stored = cache.load_views(n_views)[:, train_rows]
         X = np.concatenate([X, stored.reshape(-1, stored.shape[-1])])
@@ -211,7 +227,8 @@ def fit(*, head: str = "logreg", features: str | None = None, model: str | None 
     per_class = {n: float((predicted[yt == i] == i).mean()) if (yt == i).any() else None for i, n in enumerate(names)}
     key = cache.key
     metrics = {
-        "kind": "fit", "method": head, "model": key["model"], "pool": key.get("pool"), "weights": key["weights"],
+        "kind": "fit", "method": head, "model": key["model"], "pool": key.get("pool"), "layer": layer or "final",
+        "feature_dim": int(X.shape[1]), "weights": key["weights"],
         "resolution": key["resolution"], "dataset": key["dataset"], "cache": str(cache.path),
         "classes": names, "n_train": int(n_images), "n_test": int(len(yt)), "test_split": test_split,
         "views": int(n_views), "augment": cache.key.get("augment") if n_views else None, "n_train_rows": int(len(y)),
@@ -229,10 +246,11 @@ def fit(*, head: str = "logreg", features: str | None = None, model: str | None 
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     out_dir = Path(out) if out else Path(runs_dir) / _run_name(cache, head, classes, train_per_class, seed, test_fraction,
-                                                                class_weight, views)
+                                                                class_weight, views, layer)
     artifact = {"format": HEAD_FORMAT, "pipeline": pipeline, "classes": names, "model": key["model"],
                 "weights": weights_source(cache, weights), "weights_identity": key["weights"], "resolution": key["resolution"],
-                "preprocessing": key["preprocessing"], "pool": key.get("pool"), "feature_dim": cache.feature_dim,
+                "preprocessing": key["preprocessing"], "pool": key.get("pool"), "feature_dim": int(X.shape[1]),
+                "layers": cache.layer_group(layer) if layer else [],
                 "cache": str(cache.path)}
     save_run(out_dir, artifact, metrics)
     return FitResult(out_dir, metrics)
@@ -278,8 +296,8 @@ def _n_parameters(pipeline) -> int:
 
 
 def _run_name(cache: FeatureCache, head: str, classes, train_per_class, seed, test_fraction, class_weight,
-              views) -> str:
-    name = f"{cache.path.stem}__{head}"
+              views, layer=None) -> str:
+    name = f"{cache.path.stem}__{head}" + (f"__layer-{layer}" if layer else "")
     if views is not None:
         name += f"__views{views}"
     if class_weight:

@@ -40,10 +40,12 @@ def predict(head: str | os.PathLike, images: list[str | os.PathLike], *, top_k: 
                              "original back or fit the head again")
     # The preprocessing and pool the cache was extracted with (heads of probe 0.2 record the older transform).
     pre = Preprocess.from_dict(artifact["preprocessing"], artifact["resolution"])
-    embed = Embedder(artifact["model"], weights, pre, artifact.get("pool"), resolve_device(device))
-    if embed.feature_dim != artifact["feature_dim"]:
+    layers = artifact.get("layers") or []  # a head fitted on layers (probe fit --layer) gets those columns
+    embed = Embedder(artifact["model"], weights, pre, artifact.get("pool"), resolve_device(device), layers=layers)
+    width = sum(embed.layer_dims.values()) if layers else embed.feature_dim
+    if width != artifact["feature_dim"]:
         raise ProbeError(f"head {head} expects {artifact['feature_dim']}-wide features, but {artifact['model']} "
-                         f"gives {embed.feature_dim}")
+                         f"gives {width}")
     pipeline, classes = artifact["pipeline"], artifact["classes"]
     results: list[dict] = [{"image": str(image)} for image in images]
     batch, rows = [], []
@@ -51,7 +53,10 @@ def predict(head: str | os.PathLike, images: list[str | os.PathLike], *, top_k: 
     def flush():
         if not batch:
             return
-        probabilities = pipeline.predict_proba(embed(torch.stack(batch)).cpu().numpy())
+        features = embed(torch.stack(batch))
+        if layers:  # [final | layers]: the head saw the layers alone
+            features = features[:, embed.feature_dim:]
+        probabilities = pipeline.predict_proba(features.cpu().numpy())
         for row, p, order in zip(rows, probabilities, rank_classes(probabilities)[:, :top_k]):
             results[row]["top"] = [{"class": classes[int(pipeline.classes_[i])], "probability": float(p[i])}
                                    for i in order]

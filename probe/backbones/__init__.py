@@ -202,6 +202,73 @@ def pool_tokens(tokens: torch.Tensor, pool: str, prefix_tokens: int = 1) -> torc
     return {"cls": cls, "avg": avg, "cls+avg": torch.cat([cls, avg], 1)}[pool]
 
 
+def layer_names(net: nn.Module) -> list[str]:
+    """The blocks a built backbone offers to --layers, in depth order, named as in the model itself
+    (layer1..layer4, blocks.0..blocks.11, encoder.layer.0, transformer.resblocks.0, ...).
+
+    A family names them where its models have no single sequence of blocks (torchvision's ResNets,
+    VGG, ViT: `net.layer_names`); otherwise they are the children of the model's largest sequence
+    of numbered blocks (timm's blocks or stages, HF's encoder layers, open_clip's resblocks).
+    """
+    names = getattr(net, "layer_names", None)
+    if names is not None:
+        return list(names)
+    root = inner(net)
+    best = None
+    for name, module in root.named_modules():
+        children = [n for n, _ in module.named_children()]
+        if len(children) >= 2 and children == [str(i) for i in range(len(children))]:
+            size = sum(p.numel() for p in module.parameters())
+            if best is None or size > best[0]:
+                best = (size, name, children)
+    if best is None:
+        raise ProbeError("this model has no sequence of blocks to store with --layers")
+    return [f"{best[1]}.{c}" if best[1] else c for c in best[2]]
+
+
+def inner(net: nn.Module) -> nn.Module:
+    """The library's own model inside probe's wrapper (TimmFeatures.model, OpenClipFeatures.visual, ...),
+    whose module names --layers uses."""
+    return net.get_submodule(net.inner) if getattr(net, "inner", None) else net
+
+
+def pool_block(output, pool: str, prefix_tokens: int) -> torch.Tensor:
+    """A block's output pooled to [N, C]: feature maps [N, C, H, W] by global average; tokens [N, T, D]
+    by the --pool rule (cls, avg, cls+avg; for the family's own pools, the class token where the
+    model has one, else the mean of the tokens)."""
+    if isinstance(output, (tuple, list)):  # transformers' layers return (hidden_states, ...)
+        output = output[0]
+    if output.ndim == 4:
+        return output.float().mean((2, 3))
+    if output.ndim == 3:
+        if pool in ("cls", "avg", "cls+avg") and prefix_tokens:
+            return pool_tokens(output, pool, prefix_tokens).float()
+        return (output[:, 0] if prefix_tokens else output.mean(1)).float()
+    return output.flatten(1).float()
+
+
+def select_layers(net: nn.Module, spec: str | list[str], model: str) -> list[str]:
+    """--layers all | last4 | NAME,NAME,... as layer names in depth order."""
+    names = layer_names(net)
+    if isinstance(spec, str) and spec in ("all", "last4"):
+        return names if spec == "all" else names[-4:]
+    wanted = [n.strip() for n in (spec.split(",") if isinstance(spec, str) else spec) if n.strip()]
+    unknown = [w for w in wanted if w not in names]
+    if unknown or not wanted:
+        raise ProbeError(f"unknown layer(s) {', '.join(unknown) or '(none given)'} of {model}: choose all, last4 or "
+                         f"names from {', '.join(names)}")
+    return sorted(set(wanted), key=names.index)
+
+
+def describe_layers(model: str, pool: str | None = None) -> list[dict]:
+    """The layers of `model` with their pooled width, for `probe layers` (random init, one small image)."""
+    from probe.extract import Embedder
+
+    spec = resolve(model)
+    embed = Embedder(model, "none", spec.preprocess, pool, torch.device("cpu"), layers="all")
+    return [{"layer": name, "width": width} for name, width in embed.layer_dims.items()]
+
+
 def partial_prefixes(net: nn.Module) -> tuple[str, ...]:
     """The parameters `finetune --strategy partial` trains when a model names no last stage: the last
     of its repeated blocks (the longest run of `<prefix>.<i>.` in parameter names) and everything

@@ -157,7 +157,7 @@ def _build_model(source: str, native: int, weights: str, pre: Preprocess, pool: 
 class HFFeatures(nn.Module):
     def __init__(self, model: nn.Module, pool: str, interpolate: bool, kind: str, prefix_tokens: int):
         super().__init__()
-        self.model, self.pool, self.kind = model, pool, kind
+        self.model, self.pool, self.kind, self.inner = model, pool, kind, "model"
         self.prefix_tokens = prefix_tokens if kind in CLS_TOKEN else 0
         self.kwargs = {}
         if interpolate and "interpolate_pos_encoding" in inspect.signature(model.forward).parameters:

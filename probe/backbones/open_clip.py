@@ -108,7 +108,10 @@ class OpenClipFeatures(nn.Module):
 
     def __init__(self, visual: nn.Module, pool: str):
         super().__init__()
-        self.visual, self.pool = visual, pool
+        self.visual, self.pool, self.inner = visual, pool, "visual"
+        trunk = getattr(visual, "trunk", None)
+        self.prefix_tokens = (getattr(trunk, "num_prefix_tokens", 0) or 0) if trunk is not None else int(
+            hasattr(visual, "class_embedding"))
         self.projection = None
         if pool == "pooled" and isinstance(getattr(visual, "proj", None), torch.nn.Parameter):
             self.projection = visual.proj  # kept aside: VisionTransformer skips a projection that is None

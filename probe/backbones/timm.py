@@ -121,7 +121,9 @@ class TimmFeatures(nn.Module):
 
     def __init__(self, model: nn.Module, pool: str):
         super().__init__()
-        self.model, self.pool = model, pool
+        self.model, self.pool, self.inner = model, pool, "model"
+        self.prefix_tokens = getattr(model, "num_prefix_tokens", 0) or 0
+        self.layer_names = _stages(model)
         width = getattr(model, "head_hidden_size", None) or model.num_features
         self.feature_dim = 2 * model.num_features if pool == "cls+avg" else width if pool == "head" else model.num_features
         self.last_stage = (f"model.{model.feature_info[-1]['module']}.",) if hasattr(model, "feature_info") else None
@@ -134,6 +136,16 @@ class TimmFeatures(nn.Module):
         if self.pool == "head":
             return self.model(x)  # num_classes=0: forward_head(forward_features(x), pre_logits=True)
         return pool_tokens(self.model.forward_features(x), self.pool, self.model.num_prefix_tokens)
+
+
+def _stages(model: nn.Module) -> list[str]:
+    """The blocks of a timm model for --layers: its sequence of stages or blocks, else the modules of its
+    feature_info (ResNets: act1, layer1..layer4)."""
+    for attr in ("stages", "blocks", "layers"):
+        sequence = getattr(model, attr, None)
+        if isinstance(sequence, (nn.Sequential, nn.ModuleList)) and len(sequence) >= 2:
+            return [f"{attr}.{i}" for i in range(len(sequence))]
+    return [info["module"] for info in getattr(model, "feature_info", [])]
 
 
 def lite0() -> ModelSpec:
@@ -158,7 +170,7 @@ def _build_lite0(weights: str, pre: Preprocess, pool: str) -> nn.Module:
         state_dict = lite0_state_dict_to_timm(load_state_dict_file(weights))
         load_strict(model, state_dict, f"weights file {weights}", "efficientnet_lite0", ("classifier.",))
     model.classifier = nn.Identity()
-    model.feature_dim = 1280
+    model.feature_dim, model.prefix_tokens = 1280, 0
     return model
 
 

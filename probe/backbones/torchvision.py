@@ -20,6 +20,12 @@ MODELS = {
     "vgg16": ("vgg16", "VGG16_Weights", 4096, "classifier.6", ("classifier",)),
 }
 WEIGHTS = "IMAGENET1K_V1"
+LAYERS = {
+    "resnet18": ["layer1", "layer2", "layer3", "layer4"],
+    "resnet50": ["layer1", "layer2", "layer3", "layer4"],
+    "vgg16": ["features.4", "features.9", "features.16", "features.23", "features.30"],  # after each max-pool
+    "vit_b_16": [f"encoder.layers.encoder_layer_{i}" for i in range(12)],
+}  # efficientnet_b0 and convnext_tiny: the children of `features`, found as for any model
 
 
 def spec(name: str) -> ModelSpec:
@@ -61,6 +67,9 @@ def _build(name: str, weights: str, pre: Preprocess, pool: str) -> nn.Module:
     parent, _, leaf = classifier.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, leaf, nn.Identity())
     model.feature_dim = dim
+    if name in LAYERS:  # models without one sequence of blocks name their stages (--layers)
+        model.layer_names = LAYERS[name]
+    model.prefix_tokens = 1 if name == "vit_b_16" else 0
     return model
 
 

@@ -1,0 +1,105 @@
+"""`probe depth`: where in the network does the task become linearly separable?
+
+Fits logistic regression (with its C sweep) on every layer a cache holds (`probe extract --layers`),
+and on its final feature, and draws test accuracy against relative depth, one line per cache: two
+backbones, or pretrained against random init, on one chart. Each fit is an ordinary `probe fit` run
+folder, and a fit already saved for the same cache, layer and settings is read back, not redone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from probe.cache import open_cache
+from probe.errors import ProbeError
+from probe.files import atomic_write, make_dir
+from probe.fit import _run_name, fit
+
+FINAL = "final"  # the cache's final feature (train/features), drawn at relative depth 1
+
+
+def depth(caches: list[str | os.PathLike], *, out: str | os.PathLike = "runs/depth", runs_dir: str = "runs",
+          train_per_class: int | None = None, seed: int = 0, device: str = "auto", progress: bool = True) -> dict:
+    """Fit logreg on every layer of each cache; write depth.json, depth.md and depth.png under `out`.
+
+    Returns {"curves": [{"cache", "model", "weights", "points": [{"layer", "depth", "test_accuracy", ...}]}]}.
+    """
+    if not caches:
+        raise ProbeError("give at least one cache file extracted with --layers (probe extract --layers all)")
+    curves = []
+    for path in caches:
+        cache = open_cache(path)
+        if not cache.layers:
+            raise ProbeError(f"{cache.path.name} holds no layers; extract with: probe extract --layers all ...")
+        points = []
+        names = [*cache.layers, FINAL]
+        for i, layer in enumerate(names):
+            # The folder `probe fit --features FILE --layer NAME` writes: a fit made by hand is reused too.
+            run = Path(runs_dir) / _run_name(cache, "logreg", None, train_per_class, seed, None, None, None,
+                                             None if layer == FINAL else layer)
+            metrics = _saved(run, cache.path, layer)
+            if metrics is None:
+                metrics = fit(head="logreg", features=str(cache.path), layer=None if layer == FINAL else layer,
+                              out=str(run), train_per_class=train_per_class, seed=seed, device=device).metrics
+            if progress:
+                print(f"{cache.attrs['model']} {layer}: {metrics['test_accuracy']:.2%}", flush=True)
+            points.append({"layer": layer, "depth": 1.0 if layer == FINAL else (i + 1) / len(cache.layers),
+                           "test_accuracy": metrics["test_accuracy"], "width": metrics["feature_dim"],
+                           "C": metrics["hyperparameters"].get("C_chosen"), "run": str(run)})
+        curves.append({"cache": str(cache.path), "model": cache.attrs["model"], "weights": cache.attrs["weights"],
+                       "dataset": cache.attrs["dataset"], "points": points})
+    result = {"curves": curves, "train_per_class": train_per_class, "seed": seed}
+    out = Path(out)
+    make_dir(out)
+    atomic_write(out / "depth.json", json.dumps(result, indent=2, allow_nan=False).encode())
+    atomic_write(out / "depth.md", table(result).encode())
+    plot(result, out / "depth.png")
+    return result
+
+
+def _saved(run: Path, cache_path: Path, layer: str) -> dict | None:
+    """The metrics of a fit already in `run` for this cache and layer, or None."""
+    try:
+        metrics = json.loads((run / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    same = Path(metrics.get("cache", "")).resolve() == cache_path.resolve() and metrics.get("layer", FINAL) == layer
+    return metrics if same and (run / "head.joblib").exists() else None
+
+
+def table(result: dict) -> str:
+    lines = ["| model | weights | layer | relative depth | width | test accuracy |", "|---|---|---|---:|---:|---:|"]
+    for c in result["curves"]:
+        for p in c["points"]:
+            lines.append(f"| {c['model']} | {c['weights']} | {p['layer']} | {p['depth']:.2f} | {p['width']} | "
+                         f"{p['test_accuracy']:.2%} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for c in result["curves"]:
+        blocks = [p for p in c["points"] if p["layer"] != FINAL]
+        label = f"{c['model']} ({c['weights']})"
+        line, = ax.plot([p["depth"] for p in blocks], [100 * p["test_accuracy"] for p in blocks], marker="o", label=label)
+        final = next(p for p in c["points"] if p["layer"] == FINAL)
+        ax.plot([1.0], [100 * final["test_accuracy"]], marker="*", markersize=12, color=line.get_color(), linestyle="none")
+    ax.set_xlabel("relative depth (block / number of blocks; star: the final feature)")
+    ax.set_ylabel("test accuracy of logreg (%)")
+    ax.set_title(f"Linear separability by depth on {result['curves'][0]['dataset'].split('/')[-1]}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write(path, buffer.getvalue())
