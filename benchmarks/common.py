@@ -56,13 +56,18 @@ def small_data_arguments(p) -> None:
     p.add_argument("--test-per-class", type=int, default=None, help="default: the full test split")
 
 
-def folder_subset(source: Path, dest: Path, per_class: dict[str, int | None]) -> Path:
-    """An image folder with the first n files of each class of each split (symlinks, nothing copied)."""
+def folder_subset(source: Path, dest: Path, per_class: dict[str, int | None | tuple[str, int, int]]) -> Path:
+    """An image folder with the first n files of each class of each split (symlinks, nothing copied).
+
+    A value (split, start, stop) takes files start..stop-1 of each class of another split instead,
+    e.g. {"train": 300, "test": ("train", 300, 400)}: a validation split held out of the training images.
+    """
     for split, n in per_class.items():
-        for cls in sorted(p.name for p in (source / split).iterdir() if p.is_dir()):
+        source_split, start, stop = n if isinstance(n, tuple) else (split, 0, n)
+        for cls in sorted(p.name for p in (source / source_split).iterdir() if p.is_dir()):
             target = dest / split / cls
             target.mkdir(parents=True, exist_ok=True)
-            for f in sorted((source / split / cls).iterdir())[:n]:
+            for f in sorted((source / source_split / cls).iterdir())[start:stop]:
                 link = target / f.name
                 if not link.exists():
                     link.symlink_to(f.resolve())

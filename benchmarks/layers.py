@@ -40,7 +40,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     tune_cpu_allocator()  # as the probe command does
     with tempfile.TemporaryDirectory() as tmp:
-        data = folder_subset(args.data, Path(tmp) / "data", {"train": args.train_per_class, "test": args.test_per_class})
+        data = folder_subset(args.data, Path(tmp) / "cifar10-jpeg-subset",
+                             {"train": args.train_per_class, "test": args.test_per_class})
         common = {"model": args.model, "dataset": f"folder:{data}", "resolution": args.resolution,
                   "device": args.device, "progress": False}
         extract(**common, weights="none", cache_dir=str(Path(tmp) / "warm"))  # fingerprint, imports, first-run costs

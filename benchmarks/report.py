@@ -221,8 +221,15 @@ def layers(r: dict) -> list[str]:
         accuracies = " | ".join(f"{c['points'][i]['test_accuracy']:.1%}" for c in r["curves"])
         lines.append(f"| {point['layer']} | {point['depth']:.2f} | {point['width']:,} | {accuracies} |")
     rises = "rises with depth" if r["pretrained_rises_with_depth"] else "does not rise steadily with depth"
-    return lines + ["", f"The pretrained curve {rises} (no block more than 2 points below the one before it).", "",
-                    _targets(r)]
+    seen = []
+    for c in r["curves"]:
+        best = max(c["points"], key=lambda p: p["test_accuracy"])
+        final = c["points"][-1]
+        label = {"default": "pretrained", "none": "random init"}.get(c["weights"], c["weights"])
+        seen.append(f"{label}: best {best['layer']} ({best['test_accuracy']:.1%}), final feature "
+                    f"{final['test_accuracy']:.1%}")
+    return lines + ["", f"The pretrained curve {rises} (no block more than 2 points below the one before it). "
+                    + "; ".join(seen) + ".", "", _targets(r)]
 
 
 def render() -> str:

@@ -89,7 +89,8 @@ def plot(result: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for c in result["curves"]:
         blocks = [p for p in c["points"] if p["layer"] != FINAL]
-        label = f"{c['model']} ({c['weights']})"
+        weights = {"default": "pretrained", "none": "random init"}.get(c["weights"], c["weights"])
+        label = f"{c['model']} ({weights})"
         line, = ax.plot([p["depth"] for p in blocks], [100 * p["test_accuracy"] for p in blocks], marker="o", label=label)
         final = next(p for p in c["points"] if p["layer"] == FINAL)
         ax.plot([1.0], [100 * final["test_accuracy"]], marker="*", markersize=12, color=line.get_color(), linestyle="none")

@@ -1,6 +1,6 @@
 """`probe finetune`: the comparison stage. The same backbone trained on the same images, with images
 through it every epoch: frozen (`linear`), last stage (`partial`), everything (`full`), or head first
-then everything at a 10x lower learning rate (`lp-ft`).
+then everything at the backbone's learning rate (`lp-ft`).
 
 One model (backbone + a new Linear) and one training loop (probe.train) serve every strategy; a
 strategy only decides which parameters train. Frozen parts stay in eval mode, so their BatchNorm
@@ -153,7 +153,7 @@ def finetune(*, strategy: str = "partial", model: str = "resnet18", dataset: str
              progress: bool = True) -> FitResult:
     """Fine-tune `model` on `dataset` with `strategy`; metrics, history and checkpoints go to `out`.
 
-    lp-ft: `lp_epochs` train the classifier alone, then every layer trains at head_lr / 10. With
+    lp-ft: `lp_epochs` train the classifier alone (at head_lr), then every layer trains at lr. With
     `init_head` (a logreg or linear head of `probe fit`, Kumar et al.'s LP to convergence) the classifier
     starts from it and lp_epochs defaults to 0; without, to half of `epochs`.
     A checkpoint is written after each epoch; resume=True continues from it. bn: "frozen" keeps every
@@ -276,10 +276,11 @@ def finetune(*, strategy: str = "partial", model: str = "resnet18", dataset: str
 
 def _optimizer(net, optimizer, schedule, lr, head_lr, weight_decay, epochs, stage):
     backbone = [p for p in net.backbone.parameters() if p.requires_grad]
-    head_rate = head_lr / 10 if stage == "ft" else head_lr  # lp-ft's second stage: all at 10x lower
-    groups = [{"params": list(net.fc.parameters()), "lr": head_rate}]
+    # lp-ft's fine-tuning stage trains everything, its probed head included, at the backbone's rate
+    # (Kumar et al.: one small learning rate for the whole model after the linear probe).
+    groups = [{"params": list(net.fc.parameters()), "lr": lr if stage == "ft" else head_lr}]
     if backbone:
-        groups.append({"params": backbone, "lr": head_lr / 10 if stage == "ft" else lr})
+        groups.append({"params": backbone, "lr": lr})
     if optimizer == "adamw":
         opt = torch.optim.AdamW(groups, weight_decay=weight_decay)
     else:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 import re
 import subprocess
 import sys
@@ -318,10 +319,17 @@ def test_weights_of_another_architecture_are_refused_with_their_keys(run_cli, tm
     assert not any(Path("cache").glob("*.h5*"))
 
 
-def test_offline_default_weights_name_the_ways_out(run_cli, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert_one_line_error(run_cli("extract", "--dataset", "sample", "--model", "timm:test_vit"),
-                          "HF_HUB_OFFLINE", "--weights PATH", "efficientnet_lite0")
+@pytest.mark.parametrize("model", ["timm:test_vit", "hf:facebook/dinov2-small", "open_clip:ViT-B-32/laion2b_s34b_b79k"])
+def test_offline_default_weights_name_the_ways_out(tmp_path, model):
+    # A fresh process with HF_HUB_OFFLINE=1 in its environment, as a user sets it: huggingface_hub reads
+    # it at import. (Without it, this machine has no network either, and the hub client retries ~25 s.)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "probe.cli", "-q", "extract", "--dataset", "sample", "--model", model],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+    assert "HF_HUB_OFFLINE" in lines[0] and "efficientnet_lite0" in lines[0], lines[0]
+    assert not list(tmp_path.rglob("*.h5*"))
 
 
 @pytest.mark.parametrize("family,extra", [("hf:some/repo", "probe[hf]"), ("open_clip:ViT-B-32/openai", "probe[clip]")])

@@ -48,7 +48,18 @@ def test_logreg_with_fixed_C_solves_scikit_learns_objective(features, class_weig
         X, y = X[keep], y[keep]
     ours = LogisticProbe(C=0.05, device="cpu", tol=1e-6, class_weight=class_weight).fit(X, y)
     theirs = LogisticRegression(C=0.05, max_iter=2000, tol=1e-8, class_weight=class_weight).fit(X, y)
-    np.testing.assert_allclose(ours.predict_proba(Xt), theirs.predict_proba(Xt), atol=2e-3)
+    weight = len(y) / (10 * np.bincount(y)) if class_weight else np.ones(10)
+
+    def objective(W, b):  # scikit-learn's: C * sum of weighted cross-entropy + ||W||^2 / 2, in float64
+        z = X.astype(np.float64) @ W.astype(np.float64).T + b
+        log_p = z - z.max(1, keepdims=True)
+        log_p -= np.log(np.exp(log_p).sum(1, keepdims=True))
+        return -0.05 * (log_p[np.arange(len(y)), y] * weight[y]).sum() + 0.5 * (W.astype(np.float64) ** 2).sum()
+
+    # At least as low as scikit-learn's own solution (measured: ours lower by 2e-6 relative, balanced).
+    assert objective(ours.coef_, ours.intercept_) <= objective(theirs.coef_, theirs.intercept_) * (1 + 1e-6)
+    # The minimum is flat in some directions, where either solver may stop: probabilities to 5e-3.
+    np.testing.assert_allclose(ours.predict_proba(Xt), theirs.predict_proba(Xt), atol=5e-3)
     assert (ours.predict(Xt) == theirs.predict(Xt)).mean() > 0.99
 
 

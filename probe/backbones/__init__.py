@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import logging
 import math
 import re
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -87,7 +89,25 @@ def resolve(name: str) -> ModelSpec:
         family = "open_clip"
     if family not in FAMILIES[1:]:
         raise ProbeError(f"unknown model family {family!r} in {name!r}: use timm:, hf: or open_clip:")
-    return family_module(family).resolve(rest)
+    module = family_module(family)
+    with library_logs_quiet():
+        return module.resolve(rest)
+
+
+@contextmanager
+def library_logs_quiet():
+    """Hub retries and download warnings and errors of timm, transformers and open_clip off while a model
+    is built (open_clip logs a failed download at ERROR on the root logger): a failure becomes probe's
+    one-line error, with the library's reason in it."""
+    loggers = [logging.getLogger(), logging.getLogger("huggingface_hub"), logging.getLogger("timm")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def family_module(family: str):
@@ -115,7 +135,7 @@ def create_backbone(name: str, weights: str = "default", preprocess: Preprocess 
     pool = spec.resolve_pool(pool)
     if weights not in ("default", "none") and not Path(weights).exists():
         raise ProbeError(f"weights {weights} not found: give --weights default, none, or a file or saved folder")
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), library_logs_quiet():
         torch.manual_seed(0)
         model = spec.build(weights, preprocess, pool)
     model.eval().requires_grad_(False)
