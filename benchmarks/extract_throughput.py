@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import folder_subset, write_result  # noqa: E402
 
 from probe.backbones import resolve  # noqa: E402
-from probe.data import SAMPLE_DIR  # noqa: E402
+from probe.datasets import SAMPLE_DIR  # noqa: E402
 
 
 def hf_dinov2_small(folder: Path) -> str:

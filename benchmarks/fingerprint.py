@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import folder_subset, write_result  # noqa: E402
 
-from probe.data import IMAGE_EXTENSIONS, load_dataset  # noqa: E402
+from probe.datasets import IMAGE_EXTENSIONS, load_dataset  # noqa: E402
 from probe.extract import extract  # noqa: E402
 
 

@@ -2,7 +2,7 @@
 
 from probe.backbones import Preprocess, create_backbone, describe_models, resolve
 from probe.cache import FeatureCache, open_cache
-from probe.data import load_dataset
+from probe.datasets import load_dataset
 from probe.errors import ProbeError
 from probe.extract import ExtractResult, extract, resolve_cache
 

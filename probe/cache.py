@@ -9,7 +9,8 @@ Layout of a cache file (readable with plain h5py):
     attributes       probe_format, complete, key (JSON), key_hash, model, family, pool, weights,
                      weights_path, resolution, preprocessing (JSON: size, resize, interpolation, mode,
                      mean, std), dataset, fingerprint, dtype, feature_dim, classes (JSON),
-                     versions (JSON), views, augment, created
+                     versions (JSON), views, augment, layers (JSON), layer_dims (JSON),
+                     protocol (how the test split was made), created
 
 While an extraction runs, finished batches go to `<file>.parts/` as .npy shards, each written to a
 temporary name and renamed, so a killed run loses at most the shard in progress and the next run
@@ -130,7 +131,7 @@ class PartialCache:
         return np.concatenate(arrays)
 
     def finish(self, *, classes: list[str], labels: dict[str, np.ndarray], feature_dim: int, versions: dict,
-               weights_path: str = "", layer_dims: dict[str, int] | None = None) -> Path:
+               weights_path: str = "", layer_dims: dict[str, int] | None = None, protocol: str = "") -> Path:
         """Assemble the shards into the final HDF5 file (atomically) and remove them.
 
         weights_path: the absolute path of the weights file the features came from ("" for default or
@@ -143,7 +144,7 @@ class PartialCache:
         check_space(self.final.parent, shard_bytes + sum(8 * len(v) for v in labels.values()) + (1 << 20),
                     f"assembling {self.final.name} (the shards in {self.dir.name} are kept)")
         try:
-            self._assemble(tmp, classes, labels, feature_dim, versions, weights_path, layer_dims or {})
+            self._assemble(tmp, classes, labels, feature_dim, versions, weights_path, layer_dims or {}, protocol)
             publish(tmp, self.final)
         except OSError as e:
             raise ProbeError(f"cannot write {self.final}: {e.strerror or str(e).splitlines()[0]}; the shards in "
@@ -157,7 +158,7 @@ class PartialCache:
         """The shard series of the augmented training views, view0, view1, ..."""
         return [f"view{v}" for v in range(self.key.get("views", 0))]
 
-    def _assemble(self, tmp: Path, classes, labels, feature_dim, versions, weights_path, layer_dims) -> None:
+    def _assemble(self, tmp: Path, classes, labels, feature_dim, versions, weights_path, layer_dims, protocol) -> None:
         with h5py.File(tmp, "w") as f:
             for v, split in enumerate(self.view_splits()):  # train/views [K, N, D], one view at a time in memory
                 features = self.read(split)
@@ -190,7 +191,7 @@ class PartialCache:
                 "fingerprint": key["fingerprint"], "dtype": key["dtype"], "feature_dim": feature_dim,
                 "classes": json.dumps(classes), "versions": json.dumps(versions), "weights_path": weights_path,
                 "views": key.get("views", 0), "augment": key.get("augment") or "",
-                "layers": json.dumps(list(layer_dims)), "layer_dims": json.dumps(layer_dims),
+                "layers": json.dumps(list(layer_dims)), "layer_dims": json.dumps(layer_dims), "protocol": protocol,
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             })
             f.attrs["complete"] = True  # last, after everything else is in the file

@@ -17,8 +17,27 @@ from probe.errors import ProbeError
 
 
 def _kwargs(**options) -> dict:
-    """Drop options the user did not give, so the library's defaults apply."""
+    """Drop options the user did not give, so the library's defaults apply; the data set source's own
+    options (--image-column, --label-column) go together as data_options."""
+    data_options = {k: options.pop(k) for k in DATA_OPTIONS if options.get(k) is not None}
+    options.update(data_options=data_options or None)
     return {k: v for k, v in options.items() if v is not None and v != ()}
+
+
+DATA_OPTIONS = ("image_column", "label_column")
+DATASET_HELP = ("cifar10, cifar100, stl10, svhn, flowers102, dtd, oxford_pets, food101, fgvc_aircraft, eurosat, "
+                "gtsrb, caltech101, sun397 (probe datasets), sample (bundled, offline), folder:PATH or "
+                "hf:NAME-OR-FOLDER[@CONFIG]. [default: cifar10]")
+
+
+def _data_source_options(fn):
+    """What a Hugging Face data set's columns are, where they cannot be found from its features."""
+    for decorator in reversed([
+        click.option("--image-column", help="hf: data sets: the image column. [default: the one of feature Image]"),
+        click.option("--label-column", help="hf: data sets: the label column. [default: the ClassLabel one]"),
+    ]):
+        fn = decorator(fn)
+    return fn
 
 
 def _errors_to_exit_codes(fn):
@@ -51,7 +70,7 @@ def _cache_options(fn):
     for decorator in reversed([
         click.option("--model", help="Backbone: a short name (probe models), timm:NAME[.TAG], hf:REPO-OR-FOLDER or "
                                      "open_clip:ARCH/TAG (probe models --search WORD). [default: resnet18]"),
-        click.option("--dataset", help="cifar10, sample (bundled, offline) or folder:PATH. [default: cifar10]"),
+        click.option("--dataset", help=DATASET_HELP),
         click.option("--weights", help="default (pretrained, as the model's library gets them), none (random init), "
                                        "or a weights file or saved folder. [default: default]"),
         click.option("--resolution", type=int, help="Input size in pixels; the model's crop fraction is kept. "
@@ -61,6 +80,7 @@ def _cache_options(fn):
         click.option("--dtype", help="Feature storage: float32 or float16. [default: float32]"),
         click.option("--data-dir", help="Where cifar10 is (downloaded if missing). [default: data]"),
         click.option("--cache-dir", help="Feature cache folder. [default: cache]"),
+        _data_source_options,
     ]):
         fn = decorator(fn)
     return fn
@@ -107,6 +127,23 @@ def models(search):
         norm = "/".join(f"{v:.3f}" for v in m["mean"]) + " " + "/".join(f"{v:.3f}" for v in m["std"])
         resize = f"{m['resize']} {m['interpolation']}"
         click.echo(f"{m['model']:<20}{m['features']:>9}{m['resolution']:>5}  {resize:<16}{norm:<36}{m['weights']}")
+
+
+@main.command()
+@click.option("--data-dir", default="data", show_default=True, help="Where named data sets are (or go when downloaded).")
+@_errors_to_exit_codes
+def datasets(data_dir):
+    """List the named data sets: classes, published train/test sizes under probe's split protocol, the
+    protocol, and whether each is already under --data-dir. folder:PATH and hf:NAME-OR-FOLDER work too."""
+    from probe.datasets import describe_datasets
+
+    click.echo(f"{'dataset':<15}{'classes':>8}{'train':>8}{'test':>8}  {'here':<5} protocol")
+    for r in describe_datasets(data_dir):
+        click.echo(f"{r['dataset']:<15}{r['classes']:>8}{r['train']:>8}{r['test']:>8}  {'yes' if r['present'] else '-':<5} "
+                   f"{r['protocol']}")
+    click.echo(f"Named data sets are read from {data_dir}/ in torchvision's layout and downloaded there when missing; "
+               "also folder:PATH (PATH/train/<class>/*, PATH/test/<class>/*) and hf:NAME-OR-FOLDER[@CONFIG] "
+               "(a Hugging Face data set: hub name, save_to_disk folder or parquet files).")
 
 
 @main.command()
@@ -262,7 +299,8 @@ def cache_rm(paths):
 @main.command()
 @click.option("--strategy", help="linear (frozen backbone), partial (last stage), full, or lp-ft. [default: partial]")
 @click.option("--model", help="Backbone: a short name, timm:NAME, hf:REPO-OR-FOLDER or open_clip:ARCH/TAG. [default: resnet18]")
-@click.option("--dataset", help="cifar10, sample or folder:PATH. [default: cifar10]")
+@click.option("--dataset", help=DATASET_HELP)
+@_data_source_options
 @click.option("--weights", help="default, none, or a weights file or saved folder. [default: default]")
 @click.option("--resolution", type=int, help="Input size in pixels. [default: the backbone's own]")
 @click.option("--data-dir", help="Where cifar10 is. [default: data]")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from probe.data import SAMPLE_DIR
+from probe.datasets import SAMPLE_DIR
 from probe.extract import extract
 from probe.fit import fit
 from probe.predict import predict

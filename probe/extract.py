@@ -16,7 +16,8 @@ from tqdm.auto import tqdm
 
 from probe.backbones import Preprocess, create_backbone, inner, pool_block, resolve, select_layers
 from probe.cache import PartialCache, cache_key, cache_path, open_cache
-from probe.data import AUGMENTATIONS, augment, center_square, decode_small, iter_batches, load_dataset
+from probe.batches import AUGMENTATIONS, augment, center_square, decode_small, iter_batches
+from probe.datasets import load_dataset
 from probe.device import is_out_of_memory, out_of_memory_error, resolve_device
 from probe.errors import ProbeError
 from probe.files import lock as file_lock
@@ -44,8 +45,10 @@ class ExtractResult:
 def resolve_cache(*, model: str = "resnet18", dataset: str = "cifar10", weights: str = "default",
                   resolution: int | None = None, dtype: str = "float32", data_dir: str = "data",
                   cache_dir: str = "cache", download: bool = True, views: int = 0, augment: str = "rrc",
-                  pool: str | None = None, layers: str | list[str] | None = None):
-    """Load the data set and work out the cache file its features belong in: (dataset, key, path)."""
+                  pool: str | None = None, layers: str | list[str] | None = None, data_options: dict | None = None):
+    """Load the data set and work out the cache file its features belong in: (dataset, key, path).
+
+    data_options: what some data set sources read (image_column, label_column of hf:)."""
     spec = resolve(model)
     pre, pool = spec.preprocess.at(resolution), spec.resolve_pool(pool)
     if layers:  # the names need the architecture (random init: no download)
@@ -55,7 +58,7 @@ def resolve_cache(*, model: str = "resnet18", dataset: str = "cifar10", weights:
     if views < 0 or augment not in AUGMENTATIONS or augment == "none":
         raise ProbeError(f"--views must be 0 or more and --augment one of {', '.join(AUGMENTATIONS[:-1])}, "
                          f"not {views} and {augment!r}")
-    data = load_dataset(dataset, data_dir=data_dir, download=download)
+    data = load_dataset(dataset, data_dir=data_dir, download=download, options=data_options)
     key = cache_key(dataset=data.name, fingerprint=data.fingerprint, model=spec.name, family=spec.family,
                     weights=spec.weights_identity(weights), resolution=pre.size, preprocessing=pre.as_dict(),
                     pool=pool, dtype=dtype, views=views, augment=augment, layers=layers or None)
@@ -66,7 +69,8 @@ def extract(*, model: str = "resnet18", dataset: str = "cifar10", weights: str =
             resolution: int | None = None, data_dir: str = "data", cache_dir: str = "cache",
             device: str = "auto", batch_size: int | None = None, dtype: str = "float32",
             num_workers: int | None = None, force: bool = False, views: int = 0, augment: str = "rrc",
-            pool: str | None = None, layers: str | None = None, progress: bool = True) -> ExtractResult:
+            pool: str | None = None, layers: str | None = None, data_options: dict | None = None,
+            progress: bool = True) -> ExtractResult:
     """Run backbone `model` over both splits of `dataset` and write the features to the cache.
 
     model: a short name, timm:NAME, hf:REPO-OR-FOLDER or open_clip:ARCH/TAG; its own preprocessing
@@ -76,14 +80,15 @@ def extract(*, model: str = "resnet18", dataset: str = "cifar10", weights: str =
     views: also store this many augmented views (`augment`: rrc, crop or flip) of every training
     image, in train/views; the test split is only ever the evaluation transform. A complete cache file
     with the same key is reused (no backbone pass) unless `force`. An interrupted run resumes from its
-    last whole shard. Returns where the file is and what it cost.
+    last whole shard. data_options: image_column and label_column of an hf: data set. Returns where
+    the file is and what it cost.
     """
     if batch_size is not None and batch_size < 1:
         raise ProbeError(f"batch size must be positive, not {batch_size}")
     dev = resolve_device(device)
     data, key, path = resolve_cache(model=model, dataset=dataset, weights=weights, resolution=resolution,
                                     dtype=dtype, data_dir=data_dir, cache_dir=cache_dir, views=views, augment=augment,
-                                    pool=pool, layers=layers)
+                                    pool=pool, layers=layers, data_options=data_options)
     if path.exists() and not force and not os.access(path.parent, os.W_OK):
         open_cache(path)  # a complete cache on read-only storage: read it, no lock needed
         return ExtractResult(path, reused=True)
@@ -222,7 +227,7 @@ def _run(data, key, path, weights, dev, batch_size, num_workers, resume, progres
         raise
     result.seconds = time.perf_counter() - t0
     result.forward_seconds = embed.forward_seconds
-    parts.finish(classes=data.classes, labels={s: sp.labels for s, sp in data.splits.items()},
+    parts.finish(classes=data.classes, labels={s: sp.labels for s, sp in data.splits.items()}, protocol=data.protocol,
                  feature_dim=embed.feature_dim, versions=_versions(), layer_dims=embed.layer_dims,
                  weights_path="" if weights in ("default", "none") else str(Path(weights).resolve()))
     return result

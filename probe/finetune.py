@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from probe.backbones import create_backbone, partial_prefixes, resolve
-from probe.data import AUGMENTATIONS, Split, augment, decode_small, iter_batches, load_dataset, read_image
+from probe.batches import AUGMENTATIONS, augment, decode_small, iter_batches
+from probe.datasets import Split, load_dataset
 from probe.preprocess import Preprocess, resize_center_crop
 from probe.errors import ProbeError
 from probe.device import resolve_device
@@ -97,13 +98,13 @@ def _in_memory(split: Split, pre: Preprocess) -> np.ndarray:
         top, left = (h - side) // 2, (w - side) // 2
         return np.ascontiguousarray(split.pixels[:, top:top + side, left:left + side])
 
-    def load(path):
-        image = torch.from_numpy(read_image(path)).permute(2, 0, 1)[None].float()
+    def load(i):
+        image = torch.from_numpy(split.read(i)).permute(2, 0, 1)[None].float()
         square = resize_center_crop(image, replace(pre, size=pre.resize))[0]
         return square.round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        return np.stack(list(pool.map(load, split.paths)))
+        return np.stack(list(pool.map(load, range(len(split)))))
 
 
 @dataclass
@@ -116,9 +117,9 @@ class _Subset:
     test_split: str  # how the test split was made
 
 
-def _load(dataset, data_dir, pre, classes, train_per_class, seed, test_fraction=None) -> _Subset:
+def _load(dataset, data_dir, pre, classes, train_per_class, seed, test_fraction=None, data_options=None) -> _Subset:
     """The data set in memory with the same class, subset and held-out test selection as `probe fit`."""
-    data = load_dataset(dataset, data_dir=data_dir, download=True)
+    data = load_dataset(dataset, data_dir=data_dir, download=True, options=data_options)
     keep = class_indices(data.classes, classes)
     remap = np.full(len(data.classes), -1)
     remap[keep] = np.arange(len(keep))
@@ -126,7 +127,7 @@ def _load(dataset, data_dir, pre, classes, train_per_class, seed, test_fraction=
     if "test" in data.splits:
         if test_fraction is not None:
             raise ProbeError(f"data set {dataset} has a test split; --test-fraction is for data sets without one")
-        test, test_split = data.splits["test"], "the data set's test split"
+        test, test_split = data.splits["test"], data.protocol
     else:  # the same held-out rows as probe fit with the same seed and fraction
         fraction = TEST_FRACTION if test_fraction is None else test_fraction
         if not 0 < fraction < 1:
@@ -150,7 +151,7 @@ def finetune(*, strategy: str = "partial", model: str = "resnet18", dataset: str
              augmentation: str = "rrc", unfreeze: tuple[str, ...] = (), init_head: str | None = None,
              device: str = "auto", out: str | None = None, runs_dir: str = "runs", resume: bool = False,
              test_fraction: float | None = None, bn: str = "frozen", curve_test: int | None = None,
-             progress: bool = True) -> FitResult:
+             data_options: dict | None = None, progress: bool = True) -> FitResult:
     """Fine-tune `model` on `dataset` with `strategy`; metrics, history and checkpoints go to `out`.
 
     lp-ft: `lp_epochs` train the classifier alone (at head_lr), then every layer trains at lr. With
@@ -179,7 +180,7 @@ def finetune(*, strategy: str = "partial", model: str = "resnet18", dataset: str
     if not 0 <= lp_epochs <= epochs:
         raise ProbeError(f"--lp-epochs must be between 0 and --epochs ({epochs}), not {lp_epochs}")
     t_start = time.perf_counter()
-    data = _load(dataset, data_dir, pre, classes, train_per_class, seed, test_fraction)
+    data = _load(dataset, data_dir, pre, classes, train_per_class, seed, test_fraction, data_options)
     safe = lambda text: re.sub(r"[^A-Za-z0-9._+-]+", "-", text).strip("-")  # noqa: E731 (a name, not a path)
     out_dir = Path(out) if out else Path(runs_dir) / f"finetune__{safe(dataset)}__{safe(model)}__{strategy}"
     config = {"strategy": strategy, "model": model, "dataset": dataset, "weights": weights, "resolution": pre.size,
@@ -187,7 +188,7 @@ def finetune(*, strategy: str = "partial", model: str = "resnet18", dataset: str
               "lp_epochs": lp_epochs, "batch_size": batch_size, "optimizer": optimizer, "lr": lr, "head_lr": head_lr,
               "weight_decay": weight_decay, "schedule": schedule, "augmentation": augmentation,
               "unfreeze": list(unfreeze), "init_head": init_head, "test_fraction": test_fraction, "bn": bn,
-              "curve_test": curve_test}
+              "curve_test": curve_test, **({"data_options": data_options} if data_options else {})}
 
     torch.manual_seed(seed)
     net = Classifier(model, weights, pre, len(data.classes))

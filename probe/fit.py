@@ -20,6 +20,7 @@ from sklearn.preprocessing import StandardScaler
 
 from probe.backbones import resolve, weights_identity
 from probe.cache import FeatureCache, open_cache
+from probe.datasets.base import OFFICIAL_TEST
 from probe.errors import ProbeError
 from probe.extract import resolve_cache
 from probe.files import atomic_write, check_space, lock, make_dir
@@ -37,7 +38,7 @@ class FitResult:
 def find_cache(*, features: str | None = None, model: str | None = None, dataset: str = "cifar10",
                weights: str = "default", resolution: int | None = None, dtype: str = "float32",
                data_dir: str = "data", cache_dir: str = "cache", pool: str | None = None,
-               layer: str | None = None) -> FeatureCache:
+               layer: str | None = None, data_options: dict | None = None) -> FeatureCache:
     """The cache named by `features`, or the one `probe extract` with the same options writes (with
     `layer`: one extracted with --layers that holds it)."""
     if features is not None:
@@ -48,7 +49,8 @@ def find_cache(*, features: str | None = None, model: str | None = None, dataset
         return cache
     model = model or "resnet18"
     _, key, path = resolve_cache(model=model, dataset=dataset, weights=weights, resolution=resolution, dtype=dtype,
-                                 data_dir=data_dir, cache_dir=cache_dir, download=False, pool=pool)
+                                 data_dir=data_dir, cache_dir=cache_dir, download=False, pool=pool,
+                                 data_options=data_options)
     if layer is not None:  # the same key plus a set of layers that holds this one
         for candidate in sorted(Path(cache_dir).glob(f"{path.stem.rsplit('__', 1)[0]}__L*.h5")):
             try:
@@ -100,7 +102,7 @@ def select(cache: FeatureCache, *, classes: list[str] | None = None, train_per_c
         if test_fraction is not None:
             raise ProbeError(f"{cache.path.name} has a test split; --test-fraction is for data sets without one")
         Xt, yt = cache.load("test", layer)
-        test_split = "the data set's test split"
+        test_split = cache.attrs.get("protocol") or OFFICIAL_TEST  # caches of probe 0.3 and older: no protocol
     else:
         fraction = TEST_FRACTION if test_fraction is None else test_fraction
         if not 0 < fraction < 1:
@@ -185,12 +187,13 @@ def fit(*, head: str = "logreg", features: str | None = None, model: str | None 
         train_per_class: int | None = None, seed: int = 0, C: float | None = None, k: int | None = None,
         epochs: int | None = None, device: str = "auto", runs_dir: str = "runs",
         test_fraction: float | None = None, class_weight: str | None = None, views: int | None = None,
-        pool: str | None = None, layer: str | None = None) -> FitResult:
+        pool: str | None = None, layer: str | None = None, data_options: dict | None = None) -> FitResult:
     """Fit head `head` on a feature cache, evaluate it on the test split, and save both under `out`."""
     if seed < 0:  # before anything draws from default_rng(seed)
         raise ProbeError(f"--seed must be 0 or more, not {seed}")
     cache = find_cache(features=features, model=model, dataset=dataset, weights=weights, resolution=resolution,
-                       dtype=dtype, data_dir=data_dir, cache_dir=cache_dir, pool=pool, layer=layer)
+                       dtype=dtype, data_dir=data_dir, cache_dir=cache_dir, pool=pool, layer=layer,
+                       data_options=data_options)
     names, X, y, Xt, yt, test_split, train_rows = select(cache, classes=classes, train_per_class=train_per_class,
                                                          seed=seed, test_fraction=test_fraction, layer=layer)
     n_images, n_views, fit_params = len(y), cache.views if views is None else views, {}

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from probe.backbones import Preprocess, resolve
-from probe.data import read_image
+from probe.datasets import read_image
 from probe.preprocess import resize_center_crop
 from probe.device import resolve_device
 from probe.errors import ProbeError

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from probe.cli import main
-from probe.data import SAMPLE_DIR
+from probe.datasets import SAMPLE_DIR
 from probe.extract import extract
 
 # The sample through the offline pretrained lite0 at a small resolution: real features, a few seconds.

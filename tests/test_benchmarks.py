@@ -13,7 +13,7 @@ import report  # noqa: E402
 import speedup  # noqa: E402
 import strategies  # noqa: E402
 
-from probe.data import SAMPLE_DIR  # noqa: E402
+from probe.datasets import SAMPLE_DIR  # noqa: E402
 
 TINY = ["--model", "resnet18", "--weights", "none", "--resolution", "32"]
 

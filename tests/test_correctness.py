@@ -16,8 +16,8 @@ from PIL import Image
 from conftest import SAMPLE_RES, assert_one_line_error, copy_sample, write_image
 from probe.cache import open_cache
 from probe.preprocess import Preprocess
-from probe.data import SAMPLE_DIR, load_dataset
-from probe.data import augment
+from probe.datasets import SAMPLE_DIR, load_dataset
+from probe.batches import augment
 from probe.finetune import _load
 from probe.fit import fit
 from probe.predict import predict

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import SAMPLE_RES, assert_one_line_error, copy_sample
 from probe.cache import open_cache
-from probe.data import load_dataset
+from probe.datasets import load_dataset
 from probe.errors import ProbeError
 from probe.extract import extract
 
@@ -66,12 +66,12 @@ def test_mixed_sizes_and_modes_go_through_both_image_paths(mixed_folder, tmp_pat
 
 
 def test_small_images_give_the_same_features_through_the_array_and_the_worker_path(tmp_path):
-    from probe.data import decode_small, iter_batches
+    from probe.batches import decode_small, iter_batches
     from probe.extract import Embedder, resolve_device
     from probe.preprocess import Preprocess
 
     split = load_dataset("sample").splits["test"]
-    split.paths, split.labels = split.paths[:8], split.labels[:8]
+    split = split.subset(range(8))
     pre = Preprocess(64, 64)
     embed = Embedder("resnet18", "none", pre, None, resolve_device("cpu"))
     as_array = decode_small(split)

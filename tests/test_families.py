@@ -22,7 +22,7 @@ from PIL import Image
 from conftest import assert_one_line_error
 from probe.backbones import create_backbone, resolve
 from probe.cache import open_cache
-from probe.data import SAMPLE_DIR
+from probe.datasets import SAMPLE_DIR
 from probe.errors import ProbeError
 from probe.preprocess import Preprocess, resize_center_crop
 

@@ -10,7 +10,7 @@ from PIL import Image
 from conftest import assert_one_line_error, copy_sample
 from probe.errors import ProbeError
 from probe.preprocess import Preprocess
-from probe.data import augment
+from probe.batches import augment
 from probe.finetune import Classifier, finetune, set_trainable, train_mode
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import assert_one_line_error, copy_sample
 from probe.cache import open_cache
-from probe.data import SAMPLE_DIR
+from probe.datasets import SAMPLE_DIR
 from probe.fit import fit, select
 
 

@@ -16,7 +16,7 @@ import torch
 from conftest import assert_one_line_error
 from probe.backbones import create_backbone, layer_names
 from probe.cache import open_cache
-from probe.data import SAMPLE_DIR
+from probe.datasets import SAMPLE_DIR
 from probe.extract import Embedder, extract
 from probe.preprocess import Preprocess
 
@@ -155,10 +155,10 @@ def test_cli_layers_fit_layer_depth_and_predict(run_cli):
     # The head's class on a test image equals its class for that image's cached layer feature.
     import joblib
 
-    from probe.data import load_dataset
+    from probe.datasets import load_dataset
 
     artifact = joblib.load(head / "head.joblib")
-    row = load_dataset("sample").splits["test"].paths.index(str(image))
+    row = load_dataset("sample").splits["test"].images.paths.index(str(image))
     Xt, _ = open_cache(cache).load("test", "blocks.3")
     expected = artifact["classes"][int(artifact["pipeline"].predict(Xt[row:row + 1])[0])]
     assert json.loads(predicted.output)[0]["top"][0]["class"] == expected

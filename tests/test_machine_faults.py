@@ -283,7 +283,7 @@ def test_selected_classes_without_test_images_and_bad_numbers_are_one_line(run_c
 def test_a_decompression_bomb_is_named_and_the_other_images_are_predicted(run_cli, sample_cache, tmp_path):
     from PIL import Image
 
-    from probe.data import SAMPLE_DIR
+    from probe.datasets import SAMPLE_DIR
     from probe.fit import fit
 
     fit(features=str(sample_cache), head="knn", out=str(tmp_path / "run"))

@@ -7,7 +7,7 @@ import numpy as np
 
 from conftest import assert_one_line_error
 from probe.cache import open_cache
-from probe.data import SAMPLE_DIR
+from probe.datasets import SAMPLE_DIR
 from probe.extract import extract
 from probe.heads import LogisticProbe
 

@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import logging
 import math
 import re
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -30,7 +28,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from probe.errors import ProbeError
+from probe.errors import ProbeError, library_logs_quiet
 from probe.preprocess import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, Preprocess
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ModelSpec", "Preprocess", "create_backbone", "resolve", "weights_identity"]
@@ -92,22 +90,6 @@ def resolve(name: str) -> ModelSpec:
     module = family_module(family)
     with library_logs_quiet():
         return module.resolve(rest)
-
-
-@contextmanager
-def library_logs_quiet():
-    """Hub retries and download warnings and errors of timm, transformers and open_clip off while a model
-    is built (open_clip logs a failed download at ERROR on the root logger): a failure becomes probe's
-    one-line error, with the library's reason in it."""
-    loggers = [logging.getLogger(), logging.getLogger("huggingface_hub"), logging.getLogger("timm")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
 
 
 def family_module(family: str):

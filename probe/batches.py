@@ -1,0 +1,130 @@
+"""Images to float batches on the device: the one preprocessing path of extraction, fine-tuning and
+prediction, and the augmented views.
+
+Small images (CIFAR-sized) are decoded once into one uint8 array and resized on the device in
+batches; large images, and any data set too big to hold decoded, are decoded and resized in
+DataLoader workers. Both paths use `resize_center_crop`, and so does `probe predict`, so an image gets
+the same pixels whichever way it reaches the backbone.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from probe.datasets import Split
+from probe.errors import ProbeError
+from probe.preprocess import Preprocess, resize_center_crop
+
+# Images at most this many pixels on a side are decoded up front into one array, when all of them
+# together take at most SMALL_IMAGES_BYTES (ImageNet downsampled to 64 px would not: 15 GB).
+SMALL_IMAGE_SIDE = 64
+SMALL_IMAGES_BYTES = 2 << 30
+
+
+def decode_small(split: Split) -> Split:
+    """Decode a split of small images, all of one size, into one uint8 array; leave anything else as it is."""
+    if split.pixels is not None:
+        return split
+    first = split.read(0)
+    if max(first.shape[:2]) > SMALL_IMAGE_SIDE or len(split) * first.nbytes > SMALL_IMAGES_BYTES:
+        return split
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # PIL releases the GIL while decoding
+        images = list(pool.map(split.read, range(len(split)), chunksize=256))
+    if any(im.shape != first.shape for im in images):
+        return split
+    return Split(labels=split.labels, pixels=np.stack(images), images=split.images)
+
+
+AUGMENTATIONS = ("rrc", "crop", "flip", "none")
+
+
+def augment(images: torch.Tensor, pre: Preprocess, kind: str, rand: torch.Tensor) -> torch.Tensor:
+    """Random crops and flips of a float batch [B, 3, H, W], resampled to pre.size x pre.size in one
+    bilinear grid_sample.
+
+    rand: [B, 5] uniform numbers, one row per image (area, aspect ratio, x, y, flip), so a view is a
+    function of its numbers alone, whatever the batch. rrc: RandomResizedCrop(scale 0.6-1, ratio
+    3/4-4/3) + flip. crop: RandomCrop(H, padding 4) + flip before the resize (the CIFAR recipe).
+    flip: horizontal flip only. none: the evaluation transform `pre`.
+    """
+    if kind == "none":
+        return resize_center_crop(images, pre)
+    size = pre.size
+    b, _, h, w = images.shape
+    rand = rand.to(images.device)
+    flip = torch.where(rand[:, 4] < 0.5, -1.0, 1.0)
+    ones, zeros = torch.ones(b, device=images.device), torch.zeros(b, device=images.device)
+    if kind == "rrc":
+        area = 0.6 + 0.4 * rand[:, 0]
+        ratio = torch.exp(math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * rand[:, 1])
+        sx, sy = (area * ratio).sqrt().clamp(max=1), (area / ratio).sqrt().clamp(max=1)  # fractions of width, height
+        tx, ty = (1 - sx) * (2 * rand[:, 2] - 1), (1 - sy) * (2 * rand[:, 3] - 1)
+    elif kind == "crop":  # a crop of the original size, shifted by up to 4 pixels, zero padding
+        sx = sy = ones
+        tx = (torch.round(8 * rand[:, 2]) - 4) * 2 / w
+        ty = (torch.round(8 * rand[:, 3]) - 4) * 2 / h
+    elif kind == "flip":
+        sx, sy, tx, ty = ones, ones, zeros, zeros
+    else:
+        raise ProbeError(f"unknown augmentation {kind!r}: choose one of {', '.join(AUGMENTATIONS)}")
+    theta = torch.zeros(b, 2, 3, device=images.device)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = sx * flip, tx, sy, ty
+    grid = F.affine_grid(theta, (b, 3, size, size), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def center_square(images: torch.Tensor) -> torch.Tensor:
+    """The central square of images [..., H, W], of side min(H, W)."""
+    h, w = images.shape[-2:]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    return images[..., top:top + side, left:left + side]
+
+
+class _DecodeResize(torch.utils.data.Dataset):
+    """Worker-side path for large images: decode, then the evaluation transform's resize and crop."""
+
+    def __init__(self, split: Split, start: int, pre: Preprocess):
+        self.split, self.start, self.pre = split, start, pre
+
+    def __len__(self) -> int:
+        return len(self.split) - self.start
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        image = torch.from_numpy(self.split.read(self.start + i)).permute(2, 0, 1)[None].float()
+        return resize_center_crop(image, self.pre)[0]
+
+
+def iter_batches(split: Split, pre: Preprocess, batch_size: int, device: torch.device, start: int = 0,
+                 num_workers: int | None = None, transform=None):
+    """Yield float image batches [B, 3, pre.size, pre.size] in [0, 255] on `device`, from row `start` on.
+
+    transform(images, row): instead of the evaluation transform `pre`, e.g. an augmentation of the
+    batch whose first image is row `row`. Small images reach it at their own size, large ones already
+    resized and center-cropped by `pre` in the workers.
+    """
+    if split.pixels is not None:
+        pin = device.type == "cuda"
+        for i in range(start, len(split), batch_size):
+            batch = torch.from_numpy(split.pixels[i:i + batch_size])
+            if pin:
+                batch = batch.pin_memory()
+            batch = batch.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
+            yield resize_center_crop(batch, pre) if transform is None else transform(batch, i)
+        return
+    workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
+    loader = torch.utils.data.DataLoader(
+        _DecodeResize(split, start, pre), batch_size=batch_size, num_workers=workers,
+        pin_memory=device.type == "cuda",
+    )
+    row = start
+    for batch in loader:
+        batch = batch.to(device, non_blocking=True)
+        yield batch if transform is None else transform(batch, row)
+        row += len(batch)

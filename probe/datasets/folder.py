@@ -1,0 +1,48 @@
+"""Image folders (`folder:PATH`: PATH/train/<class>/* and optionally PATH/test/<class>/*) and the
+bundled sample, an image folder of 1,000 training and 500 test images of the JPEG CIFAR-10."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from probe.datasets.base import IMAGE_EXTENSIONS, ImageDataset, file_splits
+from probe.errors import ProbeError
+
+SAMPLE_DIR = Path(__file__).parent / "sample"
+
+
+def load_folder(path: Path, name: str) -> ImageDataset:
+    """An image folder: PATH/train/<class>/* and optionally PATH/test/<class>/*."""
+    if not (path / "train").is_dir():
+        raise ProbeError(f"{path} is not an image folder data set: expected {path}/train/<class>/ (and test/<class>/)")
+    classes = sorted(d.name for d in (path / "train").iterdir() if d.is_dir())
+    if not classes:
+        raise ProbeError(f"{path}/train has no class folders")
+    splits = {}
+    for split in ("train", "test"):
+        if not (path / split).is_dir():
+            continue
+        found = sorted(d.name for d in (path / split).iterdir() if d.is_dir())
+        unknown = sorted(set(found) - set(classes))
+        if unknown:
+            raise ProbeError(f"{path}/{split} has classes that train lacks: {', '.join(unknown)}")
+        paths, labels = [], []
+        for label, cls in enumerate(classes):
+            folder = path / split / cls
+            files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS) if folder.is_dir() else []
+            paths += files
+            labels += [label] * len(files)
+        if not paths:
+            raise ProbeError(f"{path}/{split} has no images (extensions: {' '.join(IMAGE_EXTENSIONS)})")
+        splits[split] = (paths, labels)
+    splits, fingerprint = file_splits(splits, lambda split, f, label: f"{split}/{classes[label]}/{Path(f).name}")
+    return ImageDataset(name, classes, splits, fingerprint)
+
+
+def load(spec: str, data_dir: Path, download: bool, options: dict) -> ImageDataset:
+    path = Path(spec).expanduser()
+    return load_folder(path, name=f"folder:{path.resolve()}")
+
+
+def load_sample(data_dir: Path, download: bool) -> ImageDataset:
+    return load_folder(SAMPLE_DIR, name="sample")

@@ -1,0 +1,202 @@
+"""Small fixtures of the named data sets in their real on-disk layouts: the files torchvision expects
+after a download, written from images of the bundled sample. Each writer returns what the data set
+must then hold: {"classes": first class names, "train": n, "test": n}.
+
+Used by tests/test_datasets.py and benchmarks/suite.py (fixture-sized members of the suite).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from probe.datasets import SAMPLE_DIR
+
+SAMPLE_CLASSES = sorted(p.name for p in (SAMPLE_DIR / "train").iterdir())
+
+
+def sample_images(n: int, size: int | None = None, offset: int = 0) -> list[Image.Image]:
+    """n real images of the bundled sample (cycling through its classes), resized to size x size."""
+    files = sorted((SAMPLE_DIR / "train").glob("*/*.jpg"))
+    images = []
+    for i in range(n):
+        f = files[(offset + i * 37) % len(files)]
+        im = Image.open(f).convert("RGB")
+        images.append(im.resize((size, size), Image.BILINEAR) if size else im)
+    return images
+
+
+def _save(im: Image.Image, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im.save(path)
+
+
+def cifar10(root: Path) -> dict:
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for i, name in enumerate([*(f"data_batch_{k}" for k in range(1, 6)), "test_batch"]):
+        images = sample_images(2, offset=i)
+        data = np.stack([np.asarray(im).transpose(2, 0, 1).reshape(-1) for im in images])
+        (folder / name).write_bytes(pickle.dumps({"data": data, "labels": [i % 3, (i + 1) % 3]}))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": SAMPLE_CLASSES}))
+    return {"classes": SAMPLE_CLASSES[:3], "train": 10, "test": 2}
+
+
+def cifar100(root: Path) -> dict:
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    names = [f"class{i:02d}" for i in range(100)]
+    for split, n in (("train", 12), ("test", 6)):
+        images = sample_images(n, offset=n)
+        data = np.stack([np.asarray(im).transpose(2, 0, 1).reshape(-1) for im in images])
+        labels = [i % 3 for i in range(n)]
+        (folder / split).write_bytes(pickle.dumps({"data": data, "fine_labels": labels, "coarse_labels": labels}))
+    (folder / "meta").write_bytes(pickle.dumps({"fine_label_names": names, "coarse_label_names": names[:20]}))
+    return {"classes": names[:3], "train": 12, "test": 6}
+
+
+def stl10(root: Path) -> dict:
+    folder = root / "stl10_binary"
+    folder.mkdir(parents=True)
+    names = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
+    (folder / "class_names.txt").write_text("\n".join(names) + "\n")
+    for split, n in (("train", 10), ("test", 5)):
+        images = np.stack([np.asarray(im) for im in sample_images(n, 96, offset=n)])  # [N, H, W, 3]
+        # The binary layout: per image, each channel column-major (as torchvision transposes it back).
+        images.transpose(0, 3, 2, 1).tofile(folder / f"{split}_X.bin")
+        np.array([1 + i % 10 for i in range(n)], dtype=np.uint8).tofile(folder / f"{split}_y.bin")
+    return {"classes": names[:3], "train": 10, "test": 5}
+
+
+def svhn(root: Path) -> dict:
+    from scipy.io import savemat
+
+    root.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", 12), ("test", 6)):
+        images = np.stack([np.asarray(im) for im in sample_images(n, 32, offset=n)])  # [N, 32, 32, 3]
+        labels = np.array([[10 if i % 10 == 0 else i % 10] for i in range(n)], dtype=np.uint8)  # 10 stands for 0
+        savemat(root / f"{split}_32x32.mat", {"X": images.transpose(1, 2, 3, 0), "y": labels})
+    return {"classes": ["0", "1", "2"], "train": 12, "test": 6}
+
+
+def flowers102(root: Path) -> dict:
+    from scipy.io import savemat
+
+    folder = root / "flowers-102"
+    n = 12
+    for i, im in enumerate(sample_images(n, 48), 1):
+        _save(im, folder / "jpg" / f"image_{i:05d}.jpg")
+    savemat(folder / "imagelabels.mat", {"labels": np.array([1 + i % 3 for i in range(n)])})
+    savemat(folder / "setid.mat", {"trnid": np.arange(1, 5), "valid": np.arange(5, 9), "tstid": np.arange(9, 13)})
+    return {"classes": ["pink primrose", "hard-leaved pocket orchid", "canterbury bells"], "train": 8, "test": 4}
+
+
+def dtd(root: Path) -> dict:
+    folder = root / "dtd" / "dtd"
+    classes = ["banded", "blotchy", "braided"]
+    lists = {s: [] for s in ("train", "val", "test")}
+    for i, im in enumerate(sample_images(18, 40)):
+        cls = classes[i % 3]
+        name = f"{cls}_{i:04d}.jpg"
+        _save(im, folder / "images" / cls / name)
+        lists[("train", "val", "test")[(i // 3) % 3]].append(f"{cls}/{name}")  # each split: every class
+    for split, lines in lists.items():
+        (folder / "labels").mkdir(parents=True, exist_ok=True)
+        (folder / "labels" / f"{split}1.txt").write_text("\n".join(lines) + "\n")
+    return {"classes": classes, "train": len(lists["train"]) + len(lists["val"]), "test": len(lists["test"])}
+
+
+def oxford_pets(root: Path) -> dict:
+    folder = root / "oxford-iiit-pet"
+    breeds = [("Abyssinian", 1, 1), ("american_bulldog", 2, 2), ("Bengal", 3, 1)]
+    rows = {"trainval": [], "test": []}
+    for i, im in enumerate(sample_images(12, 48)):
+        breed, label, species = breeds[i % 3]
+        image_id = f"{breed}_{i + 1}"
+        _save(im, folder / "images" / f"{image_id}.jpg")
+        rows["trainval" if i < 8 else "test"].append(f"{image_id} {label} {species} 1")
+    (folder / "annotations").mkdir(parents=True)
+    for split, lines in rows.items():
+        (folder / "annotations" / f"{split}.txt").write_text("\n".join(lines) + "\n")
+    return {"classes": ["Abyssinian", "American Bulldog", "Bengal"], "train": 8, "test": 4}
+
+
+def food101(root: Path) -> dict:
+    folder = root / "food-101"
+    classes = ["apple_pie", "baby_back_ribs", "baklava"]
+    meta = {"train": {c: [] for c in classes}, "test": {c: [] for c in classes}}
+    for i, im in enumerate(sample_images(12, 48)):
+        cls = classes[i % 3]
+        _save(im, folder / "images" / cls / f"{1000 + i}.jpg")
+        meta["train" if i < 9 else "test"][cls].append(f"{cls}/{1000 + i}")
+    (folder / "meta").mkdir(parents=True)
+    for split, content in meta.items():
+        (folder / "meta" / f"{split}.json").write_text(json.dumps(content))
+    return {"classes": classes, "train": 9, "test": 3}
+
+
+def fgvc_aircraft(root: Path) -> dict:
+    data = root / "fgvc-aircraft-2013b" / "data"
+    variants = ["707-320", "727-200", "737-200"]
+    rows = {"trainval": [], "test": []}
+    for i, im in enumerate(sample_images(12, 48)):
+        image_id = f"{1000000 + i:07d}"
+        _save(im, data / "images" / f"{image_id}.jpg")
+        rows["trainval" if i < 8 else "test"].append(f"{image_id} {variants[i % 3]}")
+    (data / "variants.txt").write_text("\n".join(variants) + "\n")
+    for split, lines in rows.items():
+        (data / f"images_variant_{split}.txt").write_text("\n".join(lines) + "\n")
+    return {"classes": variants, "train": 8, "test": 4}
+
+
+def gtsrb(root: Path) -> dict:
+    base = root / "gtsrb"
+    for i, im in enumerate(sample_images(9, 30)):
+        _save(im, base / "GTSRB" / "Training" / f"{i % 3:05d}" / f"00000_{i:05d}.ppm")
+    tests = []
+    for i, im in enumerate(sample_images(6, 30, offset=5)):
+        _save(im, base / "GTSRB" / "Final_Test" / "Images" / f"{i:05d}.ppm")
+        tests.append({"Filename": f"{i:05d}.ppm", "Width": 30, "Height": 30, "Roi.X1": 0, "Roi.Y1": 0, "Roi.X2": 29,
+                      "Roi.Y2": 29, "ClassId": i % 3})
+    with open(base / "GT-final_test.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(tests[0]), delimiter=";")
+        writer.writeheader()
+        writer.writerows(tests)
+    return {"classes": ["00000", "00001", "00002"], "train": 9, "test": 6}
+
+
+def eurosat(root: Path) -> dict:
+    classes = ["AnnualCrop", "Forest", "HerbaceousVegetation"]
+    for i, im in enumerate(sample_images(15, 64)):
+        _save(im, root / "eurosat" / "2750" / classes[i % 3] / f"{classes[i % 3]}_{i}.jpg")
+    return {"classes": classes, "train": 12, "test": 3}  # 20% of each class's 5 images: 1
+
+
+def caltech101(root: Path) -> dict:
+    folder = root / "caltech101" / "101_ObjectCategories"
+    classes = ["accordion", "airplanes"]
+    for c, cls in enumerate(classes):
+        for i, im in enumerate(sample_images(33, 40, offset=c), 1):
+            _save(im, folder / cls / f"image_{i:04d}.jpg")
+    for i, im in enumerate(sample_images(2, 40), 1):  # not a class: torchvision leaves it out
+        _save(im, folder / "BACKGROUND_Google" / f"image_{i:04d}.jpg")
+    return {"classes": classes, "train": 60, "test": 6}  # 30 of each class train, the other 3 test
+
+
+def sun397(root: Path) -> dict:
+    folder = root / "SUN397"
+    classes = [("a", "abbey"), ("a", "apartment_building/outdoor")]
+    for c, (letter, name) in enumerate(classes):
+        for i, im in enumerate(sample_images(101, 40, offset=c)):
+            _save(im, folder / letter / name / f"sun_{c}{i:05d}.jpg")
+    (folder / "ClassName.txt").write_text("".join(f"/{letter}/{name}\n" for letter, name in classes))
+    return {"classes": [name for _, name in classes], "train": 100, "test": 100}  # 50 + 50 of each
+
+
+WRITERS = {f.__name__: f for f in (cifar10, cifar100, stl10, svhn, flowers102, dtd, oxford_pets, food101, fgvc_aircraft, gtsrb,
+                                    eurosat, caltech101, sun397)}
