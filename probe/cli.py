@@ -376,15 +376,60 @@ def depth(obj, caches, **options):
 
 @main.command()
 @click.argument("runs", nargs=-1, required=True, type=click.Path())
-@click.option("--out", help="Folder for compare.csv and compare.md. [default: runs/compare]")
+@click.option("--out", help="Folder for compare.csv and compare.md (suite.* with --pivot). [default: runs/compare]")
 @click.option("--plot", help="Folder for accuracy.png and curves.png.")
+@click.option("--pivot", is_flag=True, help="The suite table instead: a row per model and head, a column per data "
+                                            "set, the mean, and a heatmap; RUNS may be whole suite folders, merged.")
 @_errors_to_exit_codes
-def compare(runs, out, plot):
+def compare(runs, out, plot, pivot):
     """Merge the metrics of runs (fits and fine-tunes) into one table; --plot draws the charts."""
     from probe.compare import compare as run
+    from probe.compare import compare_pivot
 
-    _, text = run(list(runs), **_kwargs(out=out, plot=plot))
+    if pivot:
+        if plot:
+            raise ProbeError("--pivot draws its heatmap (suite.png) in --out; --plot is for the per-run charts")
+        _, text = compare_pivot(list(runs), **_kwargs(out=out))
+    else:
+        _, text = run(list(runs), **_kwargs(out=out, plot=plot))
     click.echo(text, nl=False)
+
+
+@main.command()
+@click.option("--models", required=True, help="Comma-separated backbones (any --model of probe extract).")
+@click.option("--datasets", required=True, help="Comma-separated data sets (any --dataset; probe datasets lists names).")
+@click.option("--head", help="Comma-separated heads: logreg, linear, mlp, knn. [default: logreg]")
+@click.option("--weights", help="default, none, or a weights file, for every model. [default: default]")
+@click.option("--resolution", type=int, help="Input size for every model. [default: each model's own]")
+@click.option("--train-per-class", type=int, help="A balanced, seeded subset of N training images per class.")
+@click.option("--seed", type=int, help="Seed of the subset and the heads. [default: 0]")
+@click.option("--data-dir", help="Where named data sets are (downloaded if missing). [default: data]")
+@click.option("--cache-dir", help="Feature cache folder. [default: cache]")
+@click.option("--out", help="Folder for the table, heatmap and every pair's run folder. [default: runs/suite]")
+@click.option("--device", help="auto, cpu or cuda. [default: auto]")
+@click.pass_obj
+@_errors_to_exit_codes
+def suite(obj, models, datasets, head, **options):
+    """Extract and fit every model on every data set (and every head): one table (suite.csv, suite.md), a
+    heatmap (suite.png) and each pair's metrics.json. Cached features and finished fits are reused, so a
+    re-run, or one with another head, costs seconds; a pair that fails is reported and the rest go on
+    (exit code 1 if any failed)."""
+    from probe.suite import suite as run
+
+    split = lambda text: [t.strip() for t in text.split(",") if t.strip()]  # noqa: E731
+    result = run(models=split(models), datasets=split(datasets), **_kwargs(heads=split(head) if head else None, **options),
+                 progress=obj["progress"])
+    from probe.compare import pivot_markdown
+
+    click.echo(pivot_markdown(result["table"]), nl=False)
+    click.echo(f"saved {options.get('out') or 'runs/suite'}/suite.csv, suite.md, suite.png, suite.json")
+    failed = {}
+    for f in result["failed"]:  # one line per failed pair, its heads together
+        failed.setdefault((f["model"], f["dataset"], f["error"]), []).append(f["head"])
+    for (model, dataset, error), heads in failed.items():
+        click.echo(f"failed: {model} on {dataset} ({', '.join(heads)}): {error}", err=True)
+    if failed:
+        sys.exit(1)
 
 
 @main.command()

@@ -1,4 +1,6 @@
-"""`probe compare`: the metrics of any runs (fits and fine-tunes) in one table, and charts drawn from it."""
+"""`probe compare`: the metrics of any runs (fits and fine-tunes) in one table, and charts drawn from it;
+with --pivot, the suite table (a row per model and head, a column per data set, the mean) and its
+heatmap, from run folders or whole folders of earlier suites: the one reader `probe suite` uses too."""
 
 from __future__ import annotations
 
@@ -15,10 +17,19 @@ COLUMNS = ("method", "model", "resolution", "trainable_parameters", "n_train", "
 
 
 def load_metrics(paths: list[str | os.PathLike]) -> list[dict]:
-    """metrics.json files, or run folders holding one."""
-    runs = []
+    """metrics.json files, run folders holding one, or folders of run folders (an earlier suite's)."""
+    files = []
     for path in map(Path, paths):
-        file = path / "metrics.json" if path.is_dir() else path
+        if path.is_dir() and not (path / "metrics.json").exists():
+            found = sorted(path.rglob("metrics.json"))
+            if not found:
+                raise ProbeError(f"{path} holds no metrics.json; give run folders of probe fit, probe finetune or "
+                                 "probe suite")
+            files += found
+        else:
+            files.append(path / "metrics.json" if path.is_dir() else path)
+    runs = []
+    for file in files:
         try:
             metrics = json.loads(file.read_text())
         except (OSError, ValueError) as e:
@@ -118,3 +129,117 @@ def draw(runs: list[dict], folder: Path) -> list[Path]:
     fig.tight_layout()
     written.append(_save_png(fig, folder / "curves.png"))
     return written
+
+
+def dataset_label(name: str) -> str:
+    """A data set's name for a table column: folders by their last part (folder:cifar10-jpeg)."""
+    for prefix in ("folder:", "hf:"):
+        if name.startswith(prefix) and Path(name[len(prefix):].split("@")[0]).is_absolute():
+            return prefix + Path(name[len(prefix):]).name
+    return name
+
+
+def pivot(runs: list[dict], failures: list[dict] = ()) -> dict:
+    """The suite table: a row per model (with its weights, if not the default) and head, a column per data
+    set, test accuracy in the cells ("failed" for a pair in `failures`), and each row's mean.
+
+    A later run of the same row and column replaces an earlier one (merging suites: the newest given wins).
+    """
+    cells, rows, columns = {}, [], []
+
+    def place(model, weights, head, dataset):
+        row = (f"{model} ({weights})" if weights not in (None, "default") else model, head)
+        column = dataset_label(dataset)
+        if row not in rows:
+            rows.append(row)
+        if column not in columns:
+            columns.append(column)
+        return row, column
+
+    for r in runs:
+        cells[place(r["model"], r.get("weights"), r["method"], r.get("dataset", "?"))] = r["test_accuracy"]
+    for f in failures:
+        cells.setdefault(place(f["model"], f.get("weights"), f["head"], f["dataset"]), "failed")
+    means = {}
+    for row in rows:
+        values = [cells[row, c] for c in columns if isinstance(cells.get((row, c)), float)]
+        means[row] = (sum(values) / len(values), len(values)) if values else (None, 0)
+    return {"rows": rows, "columns": columns, "cells": cells, "means": means}
+
+
+def pivot_markdown(table: dict) -> str:
+    def cell(value):
+        return "-" if value is None else value if isinstance(value, str) else f"{value:.2%}"
+
+    n = len(table["columns"])
+    lines = ["| model | head | " + " | ".join(table["columns"]) + " | mean |", "|---|---|" + "---:|" * (n + 1)]
+    for row in table["rows"]:
+        mean, count = table["means"][row]
+        note = "" if count == n or mean is None else f" ({count} of {n})"
+        lines.append(f"| {row[0]} | {row[1]} | " + " | ".join(cell(table["cells"].get((row, c))) for c in table["columns"])
+                     + f" | {cell(mean)}{note} |")
+    return "\n".join(lines) + "\n"
+
+
+def pivot_csv(table: dict) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["model", "head", *table["columns"], "mean", "datasets_in_mean"])
+    for row in table["rows"]:
+        mean, count = table["means"][row]
+        writer.writerow([*row, *(table["cells"].get((row, c), "") for c in table["columns"]),
+                         "" if mean is None else mean, count])
+    return buffer.getvalue()
+
+
+def heatmap(table: dict, path: Path) -> Path:
+    """Test accuracy per model/head (rows) and data set (columns, and the mean), as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    columns = [*table["columns"], "mean"]
+    values = np.full((len(table["rows"]), len(columns)), np.nan)
+    for i, row in enumerate(table["rows"]):
+        for j, c in enumerate(table["columns"]):
+            v = table["cells"].get((row, c))
+            values[i, j] = 100 * v if isinstance(v, float) else np.nan
+        mean = table["means"][row][0]
+        values[i, -1] = np.nan if mean is None else 100 * mean
+    fig, ax = plt.subplots(figsize=(1.6 + 1.1 * len(columns), 1.0 + 0.5 * len(table["rows"])))
+    cmap = plt.get_cmap("viridis").copy()
+    cmap.set_bad("#e0e0e0")  # a failed or missing pair: grey
+    ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=0, vmax=100, aspect="auto")
+    for i, row in enumerate(table["rows"]):
+        for j, c in enumerate(columns):
+            missing = np.isnan(values[i, j])
+            text = ("failed" if table["cells"].get((row, c)) == "failed" else "-") if missing else f"{values[i, j]:.1f}"
+            ax.text(j, i, text, ha="center", va="center", fontsize=8,
+                    color="#444444" if missing else "black" if values[i, j] > 60 else "white")
+    ax.set_xticks(range(len(columns)), columns, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(table["rows"])), [f"{m} / {h}" for m, h in table["rows"]], fontsize=8)
+    ax.set_title("test accuracy (%)")
+    fig.tight_layout()
+    return _save_png(fig, path)
+
+
+def compare_pivot(paths: list[str | os.PathLike], *, out: str | os.PathLike = "runs/compare") -> tuple[dict, str]:
+    """`probe compare --pivot`: the suite table of runs or whole suite folders, merged, as suite.csv,
+    suite.md and suite.png under `out`."""
+    if not paths:
+        raise ProbeError("give at least one run folder, suite folder or metrics.json")
+    result = pivot([r for r in load_metrics(paths) if r.get("kind") == "fit"])
+    if not result["rows"]:
+        raise ProbeError("no probe fit runs among them (the suite table is of fitted heads)")
+    return result, write_pivot(result, Path(out))
+
+
+def write_pivot(result: dict, out: Path) -> str:
+    make_dir(out)
+    text = pivot_markdown(result)
+    atomic_write(out / "suite.csv", pivot_csv(result).encode())
+    atomic_write(out / "suite.md", text.encode())
+    heatmap(result, out / "suite.png")
+    return text

@@ -1,0 +1,108 @@
+"""`probe suite`: every model on every data set with every head, in one table.
+
+Each (model, data set) pair is one `probe extract` (a complete cache is reused, an interrupted one
+resumes) and each head one `probe fit` into its own run folder under `out` (a finished fit for the same
+cache and settings is read back, not redone). A pair that fails (a download that is impossible, a bad
+folder) is reported in the table and at the end, and the suite goes on. The table is the one
+`probe compare --pivot` draws from the run folders: suite.csv, suite.md, suite.png (a heatmap), and
+suite.json with every pair's status.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+from probe.backbones import resolve
+from probe.compare import load_metrics, pivot, write_pivot
+from probe.errors import ProbeError
+from probe.extract import extract
+from probe.files import atomic_write, make_dir
+from probe.fit import fit
+from probe.heads import HEADS
+
+log = logging.getLogger("probe")
+
+
+def suite(*, models: list[str], datasets: list[str], heads: list[str] = ("logreg",), weights: str = "default",
+          resolution: int | None = None, train_per_class: int | None = None, seed: int = 0,
+          data_dir: str = "data", cache_dir: str = "cache", out: str | os.PathLike = "runs/suite",
+          device: str = "auto", progress: bool = True) -> dict:
+    """Extract and fit every model x data set x head; write the table under `out`.
+
+    Returns suite.json's content: {"pairs": [{model, dataset, head, status, run, test_accuracy | error}],
+    "failed": [...the pairs that failed...], "table": the pivot (rows, columns, cells, means)}.
+    """
+    if not models or not datasets or not heads:
+        raise ProbeError("give at least one model, one data set and one head (--models, --datasets, --head)")
+    unknown = [h for h in heads if h not in HEADS]
+    if unknown:
+        raise ProbeError(f"unknown head(s) {', '.join(unknown)}: choose from {', '.join(HEADS)}")
+    out = make_dir(out)
+    pairs, runs = [], []
+    for dataset in datasets:
+        for model in models:
+            try:
+                cache = extract(model=model, dataset=dataset, weights=weights, resolution=resolution, data_dir=data_dir,
+                                cache_dir=cache_dir, device=device, progress=progress).path
+            except ProbeError as e:
+                log.info(f"{model} on {dataset}: failed (listed at the end)")
+                pairs += [{"model": _canonical(model), "weights": weights, "dataset": dataset, "head": h,
+                           "status": "failed", "error": str(e)} for h in heads]
+                continue
+            for head in heads:
+                run = out / _run_folder(dataset, model, weights, head, train_per_class, seed)
+                metrics = _finished(run, cache, train_per_class, seed)
+                reused = metrics is not None
+                try:
+                    if metrics is None:
+                        metrics = fit(head=head, features=str(cache), out=str(run), train_per_class=train_per_class,
+                                      seed=seed, device=device).metrics
+                except ProbeError as e:
+                    log.info(f"{model} on {dataset}, {head}: failed (listed at the end)")
+                    pairs.append({"model": _canonical(model), "weights": weights, "dataset": dataset, "head": head,
+                                  "status": "failed", "error": str(e)})
+                    continue
+                log.info(f"{model} on {dataset}, {head}: {metrics['test_accuracy']:.2%}" + (" (reused)" if reused else ""))
+                pairs.append({"model": metrics["model"], "weights": weights, "dataset": dataset, "head": head,
+                              "status": "reused" if reused else "done", "run": str(run),
+                              "test_accuracy": metrics["test_accuracy"]})
+                runs.append(run)
+    failed = [p for p in pairs if p["status"] == "failed"]
+    table = pivot(load_metrics(runs) if runs else [], failed)
+    write_pivot(table, out)
+    result = {"models": list(models), "datasets": list(datasets), "heads": list(heads), "weights": weights,
+              "resolution": resolution, "train_per_class": train_per_class, "seed": seed, "pairs": pairs,
+              "failed": failed}
+    atomic_write(out / "suite.json", json.dumps(result, indent=2, allow_nan=False).encode())
+    return {**result, "table": table}
+
+
+def _canonical(model: str) -> str:
+    """The name fits record for `model` (timm:test_vit -> timm:test_vit.r160_in1k), or `model` itself
+    when it does not resolve (an unknown name: the failure is what the table shows)."""
+    try:
+        return resolve(model).name
+    except ProbeError:
+        return model
+
+
+def _run_folder(dataset: str, model: str, weights: str, head: str, train_per_class, seed) -> str:
+    """A readable, unique folder name for a pair's fit (paths and model names made safe)."""
+    safe = lambda text: re.sub(r"[^A-Za-z0-9._+-]+", "-", text).strip("-")  # noqa: E731
+    name = f"{safe(dataset)}__{safe(model)}__{safe(weights)}__{head}"
+    return name + (f"__n{train_per_class}-seed{seed}" if train_per_class else "")
+
+
+def _finished(run: Path, cache: Path, train_per_class, seed) -> dict | None:
+    """The metrics of a fit already in `run` for this very cache file and settings, or None."""
+    try:
+        metrics = json.loads((run / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    same = (Path(metrics.get("cache", "")).resolve() == cache.resolve() and metrics.get("train_per_class") == train_per_class
+            and metrics.get("seed") == seed and (run / "head.joblib").exists())
+    return metrics if same else None
