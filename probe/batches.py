@@ -90,11 +90,11 @@ def center_square(images: torch.Tensor) -> torch.Tensor:
 class _DecodeResize(torch.utils.data.Dataset):
     """Worker-side path for large images: decode, then the evaluation transform's resize and crop."""
 
-    def __init__(self, split: Split, start: int, pre: Preprocess):
-        self.split, self.start, self.pre = split, start, pre
+    def __init__(self, split: Split, start: int, stop: int, pre: Preprocess):
+        self.split, self.start, self.stop, self.pre = split, start, stop, pre
 
     def __len__(self) -> int:
-        return len(self.split) - self.start
+        return self.stop - self.start
 
     def __getitem__(self, i: int) -> torch.Tensor:
         image = torch.from_numpy(self.split.read(self.start + i)).permute(2, 0, 1)[None].float()
@@ -102,25 +102,28 @@ class _DecodeResize(torch.utils.data.Dataset):
 
 
 def iter_batches(split: Split, pre: Preprocess, batch_size: int, device: torch.device, start: int = 0,
-                 num_workers: int | None = None, transform=None):
-    """Yield float image batches [B, 3, pre.size, pre.size] in [0, 255] on `device`, from row `start` on.
+                 num_workers: int | None = None, transform=None, stop: int | None = None):
+    """Yield float image batches [B, 3, pre.size, pre.size] in [0, 255] on `device`, rows start..stop-1.
 
     transform(images, row): instead of the evaluation transform `pre`, e.g. an augmentation of the
     batch whose first image is row `row`. Small images reach it at their own size, large ones already
     resized and center-cropped by `pre` in the workers.
     """
+    stop = len(split) if stop is None else stop
     if split.pixels is not None:
         pin = device.type == "cuda"
-        for i in range(start, len(split), batch_size):
-            batch = torch.from_numpy(split.pixels[i:i + batch_size])
+        for i in range(start, stop, batch_size):
+            batch = torch.from_numpy(split.pixels[i:min(i + batch_size, stop)])
             if pin:
                 batch = batch.pin_memory()
             batch = batch.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
             yield resize_center_crop(batch, pre) if transform is None else transform(batch, i)
         return
-    workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
+    # Ranks on one machine share its cores (LOCAL_WORLD_SIZE: torchrun's processes per node).
+    cores = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    workers = min(8, max(1, cores)) if num_workers is None else num_workers
     loader = torch.utils.data.DataLoader(
-        _DecodeResize(split, start, pre), batch_size=batch_size, num_workers=workers,
+        _DecodeResize(split, start, stop, pre), batch_size=batch_size, num_workers=workers,
         pin_memory=device.type == "cuda",
     )
     row = start

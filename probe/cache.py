@@ -86,6 +86,8 @@ class PartialCache:
     def start(self, resume: bool = True) -> None:
         """Keep shards of an earlier run with the same key, or start empty."""
         if resume and self._key_matches():
+            for marker in self.dir.glob("failed-rank*.txt"):  # of a distributed run that stopped
+                marker.unlink(missing_ok=True)
             return
         shutil.rmtree(self.dir, ignore_errors=True)
         make_dir(self.dir)
@@ -115,6 +117,42 @@ class PartialCache:
     def rows_done(self, split: str) -> int:
         shards = self.shards(split)
         return shards[-1][1] if shards else 0
+
+    def gaps(self, split: str, start: int, stop: int) -> list[tuple[int, int]]:
+        """The row ranges in [start, stop) that no shard covers yet: what a rank still has to do. Shards
+        of any rank and of any earlier world size count, so a job resumed with fewer or more ranks
+        redoes nothing; new shards start where a gap starts, so shards never overlap."""
+        covered = []
+        for p in self.dir.glob(f"{split}-*.npy"):
+            m = re.fullmatch(rf"{split}-(\d+)-(\d+)\.npy", p.name)
+            if m:
+                covered.append((int(m[1]), int(m[2])))
+        gaps, row = [], start
+        for a, b in sorted(covered):
+            if b <= row or a >= stop:
+                continue
+            if a > row:
+                gaps.append((row, a))
+            row = max(row, b)
+        if row < stop:
+            gaps.append((row, stop))
+        return gaps
+
+    def rows_covered(self, split: str, n: int) -> int:
+        return n - sum(b - a for a, b in self.gaps(split, 0, n))
+
+    def fail(self, rank: int, message: str) -> None:
+        """Tell the other ranks of a distributed extraction that this one failed, and why."""
+        atomic_write(self.dir / f"failed-rank{rank}.txt", message.encode())
+
+    def failure(self) -> str | None:
+        """The message of a rank that failed, if one has (checked by the others after every batch)."""
+        for marker in sorted(self.dir.glob("failed-rank*.txt")):
+            try:
+                return f"rank {marker.stem[len('failed-rank'):]}: {marker.read_text()}"
+            except OSError:
+                continue
+        return None
 
     def write(self, split: str, start: int, features: np.ndarray) -> None:
         atomic_write(self.dir / f"{split}-{start:09d}-{start + len(features):09d}.npy", lambda f: np.save(f, features),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 
 import click
@@ -43,10 +44,18 @@ def _data_source_options(fn):
 def _errors_to_exit_codes(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from probe import distributed
+
         try:
             return fn(*args, **kwargs)
         except ProbeError as e:
-            click.echo(f"error: {e}", err=True)
+            # Under torchrun: an error every rank holds is printed once, by rank 0, before any rank exits
+            # (torchrun ends the others when one does); one of a single rank is printed by that rank.
+            w, shared = distributed.current(), getattr(e, "shared", False)
+            if w.main or not shared:
+                click.echo(f"error: {e}" if w.main else f"error: rank {w.rank}: {e}", err=True)
+            if shared:
+                distributed.barrier()
             sys.exit(2)
         except (RuntimeError, MemoryError) as e:
             from probe.device import is_out_of_memory, out_of_memory_error
@@ -62,6 +71,8 @@ def _errors_to_exit_codes(fn):
         except KeyboardInterrupt:
             click.echo("interrupted: finished work is kept; run the same command again to resume", err=True)
             sys.exit(130)
+        finally:
+            distributed.close()
     return wrapper
 
 
@@ -104,7 +115,8 @@ def main(ctx, quiet):
 
     tune_cpu_allocator()  # no kernel churn from large temporary tensors on the CPU
     ctx.obj = {"progress": not quiet}
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, only rank 0 tells what it does
+    logging.basicConfig(level=logging.WARNING if quiet or not main_rank else logging.INFO, format="%(message)s")
 
 
 @main.command()
@@ -165,9 +177,12 @@ def extract(obj, **options):
     The cache file's name and attributes record the backbone, weights, preprocessing, resolution,
     data set and its fingerprint; the same command again reuses it. An interrupted run resumes.
     """
+    from probe.distributed import current
     from probe.extract import extract as run
 
     result = run(**_kwargs(**options), progress=obj["progress"])
+    if not current().main:  # under torchrun, rank 0 speaks for the job
+        return
     if result.reused:
         click.echo(f"cache hit: {result.path} is complete; no backbone pass (--force to redo)")
     elif result.images == 0:

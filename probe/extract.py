@@ -18,6 +18,7 @@ from probe.backbones import Preprocess, create_backbone, inner, pool_block, reso
 from probe.cache import PartialCache, cache_key, cache_path, open_cache
 from probe.batches import AUGMENTATIONS, augment, center_square, decode_small, iter_batches
 from probe.datasets import load_dataset
+from probe import distributed
 from probe.device import is_out_of_memory, out_of_memory_error, resolve_device
 from probe.errors import ProbeError
 from probe.files import lock as file_lock
@@ -85,7 +86,10 @@ def extract(*, model: str = "resnet18", dataset: str = "cifar10", weights: str =
     """
     if batch_size is not None and batch_size < 1:
         raise ProbeError(f"batch size must be positive, not {batch_size}")
+    w = distributed.world(device)  # under torchrun: this rank's place; else a world of one
     dev = resolve_device(device)
+    if dev.type == "cuda" and w.size > 1:
+        dev = torch.device("cuda", w.local_rank)
     data, key, path = resolve_cache(model=model, dataset=dataset, weights=weights, resolution=resolution,
                                     dtype=dtype, data_dir=data_dir, cache_dir=cache_dir, views=views, augment=augment,
                                     pool=pool, layers=layers, data_options=data_options)
@@ -93,26 +97,38 @@ def extract(*, model: str = "resnet18", dataset: str = "cifar10", weights: str =
         open_cache(path)  # a complete cache on read-only storage: read it, no lock needed
         return ExtractResult(path, reused=True)
     make_dir(path.parent)
+    # Rank 0 holds the lock for the whole job; the other ranks wait for its word at the broadcast.
     lock = file_lock(str(path) + ".lock")
     try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        log.info(f"another probe extract is writing {path.name}; waiting for it to finish")
-        lock.acquire()
-    try:
-        if path.exists() and not force:
-            open_cache(path)  # a damaged file gets its error here, not a silent re-use
+        decision = None
+        if w.main:
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                log.info(f"another probe extract is writing {path.name}; waiting for it to finish")
+                lock.acquire()
+            try:
+                if path.exists() and not force:
+                    open_cache(path)  # a damaged file gets its error here, not a silent re-use
+                    decision = "reuse"
+            except ProbeError as e:
+                decision = e
+        decision = distributed.broadcast(decision)
+        if isinstance(decision, ProbeError):
+            raise distributed.shared(decision)
+        if decision == "reuse":
             return ExtractResult(path, reused=True)
         return _run(data, key, path, weights, dev, batch_size or (256 if dev.type == "cuda" else 64),
-                    num_workers, resume=not force, progress=progress)
+                    num_workers, resume=not force, progress=progress and w.main)
     except BaseException:
         # Bad input found before anything was written (weights that do not load, say): leave nothing,
         # not even the lock file.
-        if not path.exists() and not path.with_name(path.name + ".parts").exists():
+        if w.main and not path.exists() and not path.with_name(path.name + ".parts").exists():
             Path(lock.lock_file).unlink(missing_ok=True)
         raise
     finally:
-        lock.release()
+        if lock.is_locked:
+            lock.release()
 
 
 class Embedder:
@@ -181,55 +197,99 @@ class Embedder:
 
 
 def _run(data, key, path, weights, dev, batch_size, num_workers, resume, progress) -> ExtractResult:
+    """Every rank runs the backbone over its own rows of every pass (the split, then each augmented view
+    of the training images) and writes shards; rank 0 then assembles the HDF5 file. With one process,
+    its rows are all of them."""
+    w = distributed.current()
     pre = Preprocess.from_dict(key["preprocessing"], key["resolution"])
     embed = Embedder(key["model"], weights, pre, key["pool"], dev, layers=key.get("layers"))
     store = np.float16 if key["dtype"] == "float16" else np.float32
     parts = PartialCache(path, key)
-    parts.start(resume=resume)
+    if w.main:
+        parts.start(resume=resume)
+    distributed.barrier()  # the shard folder is ready (and emptied with --force) before anyone looks at it
     # One pass per split, then one per augmented view of the training images (views are seeded per
     # view and image, so a resumed pass repeats exactly what a straight one would have drawn).
     passes = [(name, split, None) for name, split in data.splits.items()]
     passes += [(name, data.splits["train"], _view_transform(len(data.splits["train"]), pre, key["augment"], v))
                for v, name in enumerate(parts.view_splits())]
-    todo = {name: len(split) - parts.rows_done(name) for name, split, _ in passes}
-    if sum(todo.values()) < sum(len(split) for _, split, _ in passes):
-        log.info(f"resuming {path.name}: {sum(todo.values())} images left")
+    # This rank's rows of each pass, aligned to the batch size so that its batches are exactly the
+    # batches of a single process (the features are then the same bit for bit), minus what shards of
+    # any earlier run (of any world size) already cover.
+    work = {name: parts.gaps(name, *distributed.rank_rows(len(split), w, batch_size)) for name, split, _ in passes}
+    todo = distributed.all_gather(sum(b - a for gaps in work.values() for a, b in gaps))
+    total = sum(len(split) for _, split, _ in passes)
+    if sum(todo) < total and w.main:
+        log.info(f"resuming {path.name}: {sum(todo)} images left")
     decoded = {}
     result = ExtractResult(path, reused=False)
-    bar = tqdm(total=sum(todo.values()), unit="img", desc=f"extract {key['model']}", disable=not progress)
-    t0 = time.perf_counter()
+    bar = tqdm(total=sum(todo), unit="img", desc=f"extract {key['model']}" + (f" ({w.size} ranks)" if w.size > 1 else ""),
+               disable=not progress)
+    t0, last_count = time.perf_counter(), time.perf_counter()
+    error = None
     try:
         with bar:
             for name, split, transform in passes:
-                row = parts.rows_done(name)
-                if row == len(split):
+                if not work[name]:
                     continue
                 if id(split) not in decoded:  # decoded once: the views reuse train's pixels
                     decoded[id(split)] = decode_small(split)
                 split = decoded[id(split)]
-                pending, shard_start, last_flush = [], row, time.perf_counter()
-                for images in iter_batches(split, pre, batch_size, dev, start=row, num_workers=num_workers,
-                                           transform=transform):
-                    features = embed.in_pieces(images)
-                    if transform is not None:  # augmented views keep the final feature only
-                        features = features[:, :embed.feature_dim]
-                    pending.append(features.cpu().numpy().astype(store, copy=False))
-                    row += len(images)
-                    bar.update(len(images))
-                    if time.perf_counter() - last_flush > SHARD_SECONDS or row == len(split):
-                        parts.write(name, shard_start, np.concatenate(pending))
-                        pending, shard_start, last_flush = [], row, time.perf_counter()
-                result.images += todo[name]
+                for gap_start, gap_stop in work[name]:
+                    row = gap_start
+                    pending, shard_start, last_flush = [], row, time.perf_counter()
+                    for images in iter_batches(split, pre, batch_size, dev, start=row, stop=gap_stop,
+                                               num_workers=num_workers, transform=transform):
+                        features = embed.in_pieces(images)
+                        if transform is not None:  # augmented views keep the final feature only
+                            features = features[:, :embed.feature_dim]
+                        pending.append(features.cpu().numpy().astype(store, copy=False))
+                        row += len(images)
+                        result.images += len(images)
+                        if time.perf_counter() - last_flush > SHARD_SECONDS or row == gap_stop:
+                            parts.write(name, shard_start, np.concatenate(pending))
+                            pending, shard_start, last_flush = [], row, time.perf_counter()
+                        bar.update(len(images))
+                        if w.size > 1 and time.perf_counter() - last_count > 2:
+                            last_count = time.perf_counter()
+                            if failed := parts.failure():  # another rank failed: stop too
+                                raise ProbeError(failed)
+                            if w.main:  # the bar counts every rank's images, from the shards they have written
+                                done = sum(parts.rows_covered(n, len(s)) for n, s, _ in passes) - (total - sum(todo))
+                                bar.update(max(0, done - bar.n))
     except Exception as e:
+        error = e
         if is_out_of_memory(e):  # finished shards are kept: the same command with smaller settings resumes
-            raise out_of_memory_error(e, f"extracting {key['model']} at resolution {pre.size} in batches of {batch_size}",
-                                      "lower --batch-size or --resolution") from None
-        raise
+            error = out_of_memory_error(e, f"extracting {key['model']} at resolution {pre.size} in batches of "
+                                           f"{batch_size}", "lower --batch-size or --resolution")
+            if w.size == 1:
+                raise error from None
+        if w.size == 1:
+            raise
+        if not str(error).startswith("rank "):  # this rank's own failure, not one it heard of
+            parts.fail(w.rank, str(error).splitlines()[0] if str(error) else type(error).__name__)
+    if w.size > 1:  # every rank learns whether any failed; all end with the first one's message
+        failures = [f for f in distributed.all_gather(None if error is None else str(error)) if f]
+        if failures:
+            own = [f for f in failures if not f.startswith("rank ")]
+            raise distributed.shared(ProbeError(own[0] if own else failures[0]))
     result.seconds = time.perf_counter() - t0
     result.forward_seconds = embed.forward_seconds
-    parts.finish(classes=data.classes, labels={s: sp.labels for s, sp in data.splits.items()}, protocol=data.protocol,
-                 feature_dim=embed.feature_dim, versions=_versions(), layer_dims=embed.layer_dims,
-                 weights_path="" if weights in ("default", "none") else str(Path(weights).resolve()))
+    published = None
+    if w.main:
+        try:
+            parts.finish(classes=data.classes, labels={s: sp.labels for s, sp in data.splits.items()},
+                         protocol=data.protocol, feature_dim=embed.feature_dim, versions=_versions(),
+                         layer_dims=embed.layer_dims,
+                         weights_path="" if weights in ("default", "none") else str(Path(weights).resolve()))
+        except ProbeError as e:
+            published = e
+    published = distributed.broadcast(published)  # the other ranks wait here while rank 0 assembles
+    if published is not None:
+        raise distributed.shared(published)
+    if w.size > 1:  # the job's images per second: every rank's images over the slowest rank's time
+        counts = distributed.all_gather((result.images, result.seconds))
+        result.images, result.seconds = sum(c for c, _ in counts), max(t for _, t in counts)
     return result
 
 

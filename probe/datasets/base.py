@@ -22,6 +22,7 @@ from typing import Protocol
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from probe import distributed
 from probe.errors import ProbeError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -117,11 +118,15 @@ def files_fingerprint(files: list[tuple[str, str | Path]]) -> str:
             raise ProbeError(f"cannot read {path}: {e.strerror or e}") from None
         return digest.digest()
 
-    digest = hashlib.sha256()
-    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:  # file reads release the GIL
-        for (place, _), file_digest in zip(files, pool.map(content, [f for _, f in files], chunksize=256)):
-            digest.update(place.encode() + b"\0" + file_digest)
-    return digest.hexdigest()[:16]
+    def fingerprint() -> str:
+        digest = hashlib.sha256()
+        with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:  # reads release the GIL
+            for (place, _), file_digest in zip(files, pool.map(content, [f for _, f in files], chunksize=256)):
+                digest.update(place.encode() + b"\0" + file_digest)
+        return digest.hexdigest()[:16]
+
+    # Under torchrun rank 0 reads the files and the others take its fingerprint: one process's cost.
+    return distributed.on_main(fingerprint)
 
 
 def arrays_fingerprint(splits: dict[str, Split]) -> str:
