@@ -29,6 +29,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, required=True, help="an image folder, e.g. the JPEG CIFAR-10")
     p.add_argument("--model", default="efficientnet_lite0")
+    p.add_argument("--weights", default="default")
     p.add_argument("--resolution", type=int, default=96)
     p.add_argument("--train-per-class", type=int, default=300)
     p.add_argument("--validation-per-class", type=int, default=100)
@@ -43,7 +44,8 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data = folder_subset(args.data, tmp / "data", {"train": n, "test": ("train", n, n + v)})
-        common = dict(model=args.model, resolution=args.resolution, dataset=f"folder:{data}", device=args.device)
+        common = dict(model=args.model, weights=args.weights, resolution=args.resolution, dataset=f"folder:{data}",
+                      device=args.device)
         cache = extract(**common, cache_dir=str(tmp / "cache"), progress=False)
         m = fit(head="logreg", features=str(cache.path), out=str(tmp / "logreg"), device=args.device).metrics
         rows.append({"run": "cached logreg", "lr": None, "validation_accuracy": m["test_accuracy"], "curve": None})

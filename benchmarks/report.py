@@ -146,6 +146,11 @@ def strategies(r: dict) -> list[str]:
                      f"{row['wall_seconds'] / reference:.1f}x |")
     if s.get("finetune_defaults"):
         lines += ["", f"Fine-tuning: {s['finetune_defaults']}."]
+    rates = {k: v for k, v in s.get("learning_rates", {}).items() if isinstance(v, dict)}
+    if rates:
+        lines += ["", "Learning rates picked on the validation split (below, `lr_search.json`): " + "; ".join(
+            f"{k}: " + ", ".join(f"{n.replace('_', ' ')} {v:g}" for n, v in lr.items()) for k, lr in rates.items())
+            + "; the others at the defaults."]
     return lines + (["", _targets(r)] if r.get("targets_met") else [])
 
 
@@ -232,12 +237,104 @@ def layers(r: dict) -> list[str]:
                     + "; ".join(seen) + ".", "", _targets(r)]
 
 
+def lr_search(r: dict) -> list[str]:
+    s = r["settings"]
+    lines = [
+        f"**Learning rates of the comparison** (`benchmarks/results/lr_search.json`; {_machine(r)}): {s['model']} at "
+        f"{s['resolution']} px, trained on {s['train']} ({s['n_train']:,}), validated on {s['validation']} "
+        f"({s['n_validation']:,}), {s['epochs']} epochs; the strategies benchmark uses the rates picked here.",
+        "",
+        "| run | learning rate | validation accuracy per epoch | final |",
+        "|---|---:|---|---:|",
+    ]
+    for row in r["rows"]:
+        curve = " ".join(f"{a:.1%}" for a in row["curve"]) if row["curve"] else ""
+        rate = "" if row["lr"] is None else f"{row['lr']:g}" + (f" (head {row['head_lr']:g})" if row.get("head_lr") else "")
+        lines.append(f"| {row['run']} | {rate} | {curve} | {row['validation_accuracy']:.1%} |")
+    picks = ", ".join(f"{k} {v:g}" for k, v in r["picked_lr"].items())
+    return lines + ["", f"Picked (best final validation accuracy): {picks}."]
+
+
+def suite(r: dict) -> list[str]:
+    s = r["settings"]
+    first = r["runs"][0]["seconds"]
+    lines = [
+        f"**Suite** (`benchmarks/results/suite.json`; {_machine(r)}): `probe suite` with {s['model']} at "
+        f"{s['resolution']} over {', '.join(f'`{d}`' for d in s['datasets'])} ({s['fixtures']}), three runs in one "
+        "process, each as a share of the first:",
+        "",
+        "| run | pairs fitted | pairs reused | time, as a share of the first run |",
+        "|---|---:|---:|---:|",
+    ]
+    for run in r["runs"]:
+        lines.append(f"| {run['run']} | {run['pairs']['done']} | {run['pairs']['reused']} | {run['seconds'] / first:.2%} |")
+    cells = r["accuracy"]
+    columns = list(next(iter(cells.values())))
+    lines += ["", "| head | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    for row, values in cells.items():
+        lines.append(f"| {row} | " + " | ".join("-" if v is None or isinstance(v, str) else f"{v:.1%}" for v in values.values()) + " |")
+    return lines + ["", _targets(r)]
+
+
+def scale(r: dict) -> list[str]:
+    s, lines = r["settings"], []
+    if "heads" in r:
+        h = r["heads"]
+        gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
+        lines += [
+            f"**Heads beyond memory** (`benchmarks/results/scale.json`; {_machine(r)}): synthetic features of "
+            f"ImageNet-1k's size, {s['rows']:,} x {s['dim']} float16 ({gib(h['cache_bytes'])} on disk), {s['classes']} "
+            f"Gaussian classes, 50,000 test rows; logreg with its C sweep, each fit in a fresh process.",
+            "",
+            "| fit | training rows | read | peak RSS | C sweep points | test accuracy |",
+            "|---|---:|---|---:|---:|---:|",
+            f"| `--max-memory {s['max_memory']}` | {h['capped']['rows']:,} | a chunk at a time | "
+            f"{gib(h['capped']['peak_rss_bytes'])} | {h['capped']['sweep_points']} | {h['capped']['test_accuracy']:.2%} |",
+            f"| no cap, `--train-per-class {s['subset_per_class']}` | {h['in_memory_subset']['rows']:,} | in memory | "
+            f"{gib(h['in_memory_subset']['peak_rss_bytes'])} | {h['in_memory_subset']['sweep_points']} | "
+            f"{h['in_memory_subset']['test_accuracy']:.2%} |",
+            "",
+            f"Time per training row, capped over in memory: **{h['time_per_row_capped_over_in_memory']:.2f}x**.",
+            "",
+        ]
+    if "assembly" in r:
+        a = r["assembly"]
+        lines += [f"Assembling that cache from its shards into the one HDF5 file (what rank 0 does after a "
+                  f"distributed extraction) took **{a['over_a_plain_copy']:.2f}x** the time of a plain copy of the "
+                  "same shards: a virtual data set over per-rank files would save about one copy of the cache, "
+                  "once, and cost every later read an indirection.", ""]
+    if "extraction" not in r:
+        return lines + [_targets(r)]
+    e = r["extraction"]
+    rates = " | ".join(f"{x['ranks']} rank(s): " + (f"{x['images_per_second']:.0f} images/s" if _on_gpu(r) else
+                                                    f"{e['speedup'][str(x['ranks'])]:.2f}x") for x in e["rates"])
+    lines += [f"**Extraction over ranks** (`benchmarks/results/scale.json`; {_machine(r)}): `torchrun --nproc-per-node "
+              f"N -m probe extract`, ResNet-18 at {s['resolution']} px, {e['rates'][0]['images']:,} images, one thread "
+              f"per rank; images/s relative to one rank: {rates}.", "", _targets(r)]
+    return lines
+
+
+def wds_reader(r: dict) -> list[str]:
+    s = r["settings"]
+    return [
+        f"**WebDataset reader** (`benchmarks/results/wds_reader.json`; {_machine(r)}): {s['images']:,} JPEG CIFAR-10 "
+        f"images in {s['shards']} tar shards written by webdataset's TarWriter, each decoded to a uint8 array in one "
+        f"process, alternating, best of {s['repeats']}: probe's indexed reader runs at "
+        f"**{r['probe_over_webdataset']:.2f}x** the images/s of `webdataset.WebDataset(...).decode(\"rgb8\")`; its "
+        f"one pass over the tar headers took {r['index_seconds'] / (s['images'] / r['images_per_second']['probe']):.0%} "
+        "of one full read.",
+        "",
+        _targets(r),
+    ]
+
+
 def render() -> str:
     parts = []
     for name, fn in (("speedup", speedup), ("speedup_full", speedup), ("heads", heads),
                      ("extract_throughput", throughput), ("extract_throughput_full", throughput),
-                     ("strategies", strategies), ("bn_cause", bn_cause), ("views", views),
-                     ("layers", layers), ("fingerprint", fingerprint)):
+                     ("strategies", strategies), ("lr_search", lr_search), ("bn_cause", bn_cause), ("views", views),
+                     ("layers", layers), ("fingerprint", fingerprint), ("suite", suite), ("scale", scale),
+                     ("wds_reader", wds_reader)):
         r = _load(name)
         if r is not None:
             parts.append("\n".join(fn(r)))

@@ -7,7 +7,8 @@ the same images. Writes results/strategies.json, strategies.md and the charts.
 
 lp-ft starts from the cached logreg head (Kumar et al. run the linear probe to convergence with
 logistic regression, then fine-tune everything): `probe finetune --strategy lp-ft --init-head RUN`,
-all epochs fine-tuning. Fine-tuning keeps BatchNorm frozen (the default `--bn frozen`). Each epoch is
+all epochs fine-tuning. full and lp-ft train at the learning rates lr_search.py picked on a validation
+split held out of the training images (results/lr_search.json), never on the test split. Fine-tuning keeps BatchNorm frozen (the default `--bn frozen`). Each epoch is
 evaluated on a fixed subset of --curve-test images; the final models on the whole test split.
 Targets (issue 11): full and lp-ft at least 1 point above the cached logreg, lp-ft at least as good as
 full, and no epoch of lp-ft more than 2 points below where its linear phase ended (the logreg head).
@@ -39,11 +40,17 @@ def main(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--curve-test", type=int, default=2000, help="test images of the per-epoch curve")
     p.add_argument("--full", action="store_true", help="all training images at 224 (for a GPU)")
+    p.add_argument("--lr-from", type=Path, default=RESULTS / "lr_search.json",
+                   help="the learning rates picked on a validation split by lr_search.py (full: backbone, head "
+                        "at 10x; lp-ft: every layer); without the file, probe's defaults")
     p.add_argument("--out", type=Path, default=RESULTS, help="folder for strategies.json, .md and the charts")
     args = p.parse_args(argv)
     if args.full:
         args.resolution, args.train_per_class = 224, None
 
+    picked = json.loads(args.lr_from.read_text())["picked_lr"] if args.lr_from.exists() else {}
+    rates = {"full": {"lr": picked["full"], "head_lr": 10 * picked["full"]}} if "full" in picked else {}
+    rates.update({"lp-ft": {"lr": picked["lp-ft"]}} if "lp-ft" in picked else {})
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data = folder_subset(args.data, tmp / "data", {"train": args.train_per_class, "test": args.test_per_class})
@@ -56,7 +63,7 @@ def main(argv=None):
         for strategy in args.strategies.split(","):
             from_head = {"init_head": str(tmp / "logreg")} if strategy == "lp-ft" else {}
             r = finetune(strategy=strategy, **common, epochs=args.epochs, device=args.device, out=str(tmp / strategy),
-                         curve_test=args.curve_test, progress=False, **from_head)
+                         curve_test=args.curve_test, progress=False, **from_head, **rates.get(strategy, {}))
             if from_head:  # its linear phase is the cached logreg: extraction and fit count too
                 r.metrics["wall_seconds"] += runs[0].metrics["wall_seconds"]
             print(f"finetune {strategy}: {r.metrics['test_accuracy']:.4f} in {r.metrics['wall_seconds']:.0f} s")
@@ -91,7 +98,9 @@ def main(argv=None):
                          "curve_test": args.curve_test,
                          "finetune_defaults": "AdamW, weight decay 1e-4, backbone lr 1e-4, head lr 1e-3, cosine, "
                                               "RandomResizedCrop(0.6-1) + flip, BatchNorm frozen; lp-ft: from the "
-                                              "cached logreg head, every epoch fine-tuning at 1e-4"},
+                                              "cached logreg head, every epoch fine-tuning",
+                         "learning_rates": {s: rates.get(s, "probe's defaults") for s in args.strategies.split(",")},
+                         "learning_rates_from": str(args.lr_from) if picked else None},
             "notes": "wall_seconds of the cached logreg include its extraction; lp-ft's include its logreg "
                      "head's. Per-epoch test accuracies are on curve_test images, final ones on all.",
             "targets_met": targets,

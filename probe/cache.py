@@ -158,16 +158,6 @@ class PartialCache:
         atomic_write(self.dir / f"{split}-{start:09d}-{start + len(features):09d}.npy", lambda f: np.save(f, features),
                      size=features.nbytes + 128)  # .npy: the array and a header of at most 128 bytes
 
-    def read(self, split: str) -> np.ndarray:
-        arrays = []
-        for _, stop, p in self.shards(split):
-            try:
-                arrays.append(np.load(p))
-            except (OSError, ValueError):  # a shard cut short: redo from there
-                p.unlink()
-                raise ProbeError(f"shard {p} was damaged and has been removed; run the same command again to resume")
-        return np.concatenate(arrays)
-
     def finish(self, *, classes: list[str], labels: dict[str, np.ndarray], feature_dim: int, versions: dict,
                weights_path: str = "", layer_dims: dict[str, int] | None = None, protocol: str = "") -> Path:
         """Assemble the shards into the final HDF5 file (atomically) and remove them.
@@ -192,34 +182,56 @@ class PartialCache:
         shutil.rmtree(self.dir, ignore_errors=True)
         return self.final
 
+    def _dtype(self):
+        """The dtype the shards hold (the key's storage dtype)."""
+        return np.float16 if self.key.get("dtype") == "float16" else np.float32
+
     def view_splits(self) -> list[str]:
         """The shard series of the augmented training views, view0, view1, ..."""
         return [f"view{v}" for v in range(self.key.get("views", 0))]
 
     def _assemble(self, tmp: Path, classes, labels, feature_dim, versions, weights_path, layer_dims, protocol) -> None:
+        """Copy the shards into the HDF5 file one at a time (memory-mapped), so assembling a cache takes
+        the memory of a shard, not of the whole cache."""
         with h5py.File(tmp, "w") as f:
-            for v, split in enumerate(self.view_splits()):  # train/views [K, N, D], one view at a time in memory
-                features = self.read(split)
-                if len(features) != len(labels["train"]):
-                    raise ProbeError(f"{split}: {len(features)} features for {len(labels['train'])} images in {self.dir}")
-                if v == 0:
-                    rows = max(1, min(len(features), (1 << 20) // (feature_dim * features.itemsize)))
-                    views = f.create_dataset("train/views", shape=(len(self.view_splits()), *features.shape),
-                                             dtype=features.dtype, chunks=(1, rows, feature_dim))
-                views[v] = features
+            def chunked(name, n, width, dtype, lead=()):
+                rows = max(1, min(n, (1 << 20) // (width * np.dtype(dtype).itemsize)))
+                return f.create_dataset(name, shape=(*lead, n, width), dtype=dtype, chunks=(*(1,) * len(lead), rows, width))
+
+            def copy(split, n, write):
+                shards = self.shards(split)
+                if not shards or shards[-1][1] != n:
+                    raise ProbeError(f"{split}: the shards in {self.dir} cover {shards[-1][1] if shards else 0} of "
+                                     f"{n} rows; run the same command again to finish them")
+                for start, stop, path in shards:
+                    try:
+                        shard = np.load(path, mmap_mode="r")
+                        if shard.shape[0] != stop - start:
+                            raise ValueError(f"{shard.shape[0]} rows")
+                    except (OSError, ValueError):  # a shard cut short: redo from there
+                        path.unlink()
+                        raise ProbeError(f"shard {path} was damaged and has been removed; run the same command "
+                                         "again to resume") from None
+                    write(start, stop, shard)
+
+            n_train, dtype = len(labels["train"]), self._dtype()
+            if self.view_splits():  # train/views [K, N, D]
+                views = chunked("train/views", n_train, feature_dim, dtype, lead=(len(self.view_splits()),))
+                for v, split in enumerate(self.view_splits()):
+                    copy(split, n_train, lambda a, b, x, v=v: views.__setitem__((v, slice(a, b)), x[:, :feature_dim]))
             for split, split_labels in labels.items():
-                features = self.read(split)
-                if len(features) != len(split_labels):
-                    raise ProbeError(f"{split}: {len(features)} features for {len(split_labels)} labels in {self.dir}")
-                rows = max(1, min(len(features), (1 << 20) // (feature_dim * features.itemsize)))
-                group = f.require_group(split)
-                group.create_dataset("features", data=features[:, :feature_dim], chunks=(rows, feature_dim))
+                n = len(split_labels)
+                targets = [(chunked(f"{split}/features", n, feature_dim, dtype), 0, feature_dim)]
                 start = feature_dim  # the shards hold [final | layer 1 | layer 2 | ...]
                 for name, width in layer_dims.items():
-                    rows = max(1, min(len(features), (1 << 20) // (width * features.itemsize)))
-                    group.create_dataset(f"layers/{name}", data=features[:, start:start + width], chunks=(rows, width))
+                    targets.append((chunked(f"{split}/layers/{name}", n, width, dtype), start, start + width))
                     start += width
-                group.create_dataset("labels", data=split_labels.astype(np.int64), chunks=(min(len(split_labels), 1 << 16),))
+
+                def write(a, b, x, targets=targets):
+                    for ds, lo, hi in targets:
+                        ds[a:b] = x[:, lo:hi]
+                copy(split, n, write)
+                f.create_dataset(f"{split}/labels", data=split_labels.astype(np.int64), chunks=(min(n, 1 << 16),))
             key = self.key
             f.attrs.update({
                 "probe_format": FORMAT, "key": json.dumps(key, sort_keys=True), "key_hash": key_hash(key),
@@ -279,6 +291,22 @@ class FeatureCache:
         if layer not in self.layers:
             raise ProbeError(f"{self.path.name} holds no layer {layer!r}: choose last4 or one of {', '.join(self.layers)}")
         return [layer]
+
+    def columns(self, split: str, layer: str | None = None) -> list[str]:
+        """The HDF5 datasets of a split's features, side by side: the final feature, or a layer (group)."""
+        if split not in self.splits:
+            raise ProbeError(f"cache {self.path} has no {split} split (its data set had no {split}/ folder)")
+        return [f"{split}/layers/{n}" for n in self.layer_group(layer)] if layer else [f"{split}/features"]
+
+    def labels(self, split: str) -> np.ndarray:
+        """A split's labels alone (small: what a fit plans its rows from)."""
+        if split not in self.splits:
+            raise ProbeError(f"cache {self.path} has no {split} split (its data set had no {split}/ folder)")
+        try:
+            with h5py.File(self.path, "r") as f:
+                return f[f"{split}/labels"][...]
+        except OSError as e:
+            raise ProbeError(f"cache {self.path} is corrupt ({e}); delete it and run probe extract again") from None
 
     def load(self, split: str, layer: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(features, labels) of a split; layer: a layer's pooled features instead (or last4)."""

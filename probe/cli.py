@@ -25,17 +25,22 @@ def _kwargs(**options) -> dict:
     return {k: v for k, v in options.items() if v is not None and v != ()}
 
 
-DATA_OPTIONS = ("image_column", "label_column")
+DATA_OPTIONS = ("image_column", "label_column", "test_shards", "class_names")
 DATASET_HELP = ("cifar10, cifar100, stl10, svhn, flowers102, dtd, oxford_pets, food101, fgvc_aircraft, eurosat, "
-                "gtsrb, caltech101, sun397 (probe datasets), sample (bundled, offline), folder:PATH or "
-                "hf:NAME-OR-FOLDER[@CONFIG]. [default: cifar10]")
+                "gtsrb, caltech101, sun397 (probe datasets), sample (bundled, offline), folder:PATH, "
+                "hf:NAME-OR-FOLDER[@CONFIG] or wds:PATTERN (WebDataset tar shards). [default: cifar10]")
 
 
 def _data_source_options(fn):
-    """What a Hugging Face data set's columns are, where they cannot be found from its features."""
+    """What some data set sources need told: a Hugging Face data set's columns, where they cannot be found
+    from its features; WebDataset shards' test split and class names."""
     for decorator in reversed([
         click.option("--image-column", help="hf: data sets: the image column. [default: the one of feature Image]"),
         click.option("--label-column", help="hf: data sets: the label column. [default: the ClassLabel one]"),
+        click.option("--test-shards", help="wds: the test split's shards (a pattern). [default: the train pattern "
+                                           "with train -> test or val, where those exist]"),
+        click.option("--class-names", help="wds: a JSON list of class names. [default: classes.json beside the "
+                                           "shards, else the label numbers]"),
     ]):
         fn = decorator(fn)
     return fn
@@ -210,15 +215,22 @@ def extract(obj, **options):
               help="logreg/linear/mlp: weight classes by n / (classes x count), scikit-learn's 'balanced'.")
 @click.option("--test-fraction", type=float,
               help="Data sets without a test split: the share of train held out as one (stratified, seeded). [default: 0.2]")
+@click.option("--max-memory", help="Memory the features may take (2GB, 512MB); a fit that needs more reads the "
+                                    "cache a chunk at a time. [default: no limit]")
 @click.option("--device", help="auto, cpu or cuda. [default: auto]")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics JSON.")
 @_errors_to_exit_codes
 def fit(as_json, classes, **options):
-    """Fit a head on cached features, report test accuracy, save the head for `probe predict`."""
+    """Fit a head on cached features, report test accuracy, save the head for `probe predict`.
+
+    Under torchrun (torchrun --nproc-per-node N -m probe fit ...), logreg and knn split the rows over
+    the ranks and combine their gradients (nearest neighbours); rank 0 saves the head."""
+    from probe.distributed import current
     from probe.fit import fit as run
 
     result = run(**_kwargs(**options, classes=classes.split(",") if classes else None))
-    _print_metrics(result.out, result.metrics, as_json)
+    if current().main:
+        _print_metrics(result.out, result.metrics, as_json)
 
 
 def _print_metrics(out, m, as_json):

@@ -216,7 +216,8 @@ def _run(data, key, path, weights, dev, batch_size, num_workers, resume, progres
     # This rank's rows of each pass, aligned to the batch size so that its batches are exactly the
     # batches of a single process (the features are then the same bit for bit), minus what shards of
     # any earlier run (of any world size) already cover.
-    work = {name: parts.gaps(name, *distributed.rank_rows(len(split), w, batch_size)) for name, split, _ in passes}
+    ranges = {name: distributed.rank_rows(len(split), w, batch_size) for name, split, _ in passes}
+    work = {name: parts.gaps(name, *ranges[name]) for name, split, _ in passes}
     todo = distributed.all_gather(sum(b - a for gaps in work.values() for a, b in gaps))
     total = sum(len(split) for _, split, _ in passes)
     if sum(todo) < total and w.main:
@@ -232,14 +233,19 @@ def _run(data, key, path, weights, dev, batch_size, num_workers, resume, progres
             for name, split, transform in passes:
                 if not work[name]:
                     continue
-                if id(split) not in decoded:  # decoded once: the views reuse train's pixels
-                    decoded[id(split)] = decode_small(split)
-                split = decoded[id(split)]
+                # This rank's rows only, decoded once (the views reuse train's pixels); rows below are
+                # the data set's, `lo` less in the subset.
+                lo, hi = ranges[name]
+                if (id(split), lo, hi) not in decoded:
+                    decoded[id(split), lo, hi] = decode_small(split.subset(np.arange(lo, hi)) if (lo, hi) != (0, len(split))
+                                                              else split)
+                mine = decoded[id(split), lo, hi]
+                shifted = None if transform is None else (lambda images, row, t=transform, lo=lo: t(images, row + lo))
                 for gap_start, gap_stop in work[name]:
                     row = gap_start
                     pending, shard_start, last_flush = [], row, time.perf_counter()
-                    for images in iter_batches(split, pre, batch_size, dev, start=row, stop=gap_stop,
-                                               num_workers=num_workers, transform=transform):
+                    for images in iter_batches(mine, pre, batch_size, dev, start=row - lo, stop=gap_stop - lo,
+                                               num_workers=num_workers, transform=shifted):
                         features = embed.in_pieces(images)
                         if transform is not None:  # augmented views keep the final feature only
                             features = features[:, :embed.feature_dim]
@@ -253,7 +259,7 @@ def _run(data, key, path, weights, dev, batch_size, num_workers, resume, progres
                         if w.size > 1 and time.perf_counter() - last_count > 2:
                             last_count = time.perf_counter()
                             if failed := parts.failure():  # another rank failed: stop too
-                                raise ProbeError(failed)
+                                raise _OtherRankFailed(failed)
                             if w.main:  # the bar counts every rank's images, from the shards they have written
                                 done = sum(parts.rows_covered(n, len(s)) for n, s, _ in passes) - (total - sum(todo))
                                 bar.update(max(0, done - bar.n))
@@ -266,13 +272,15 @@ def _run(data, key, path, weights, dev, batch_size, num_workers, resume, progres
                 raise error from None
         if w.size == 1:
             raise
-        if not str(error).startswith("rank "):  # this rank's own failure, not one it heard of
-            parts.fail(w.rank, str(error).splitlines()[0] if str(error) else type(error).__name__)
-    if w.size > 1:  # every rank learns whether any failed; all end with the first one's message
-        failures = [f for f in distributed.all_gather(None if error is None else str(error)) if f]
-        if failures:
-            own = [f for f in failures if not f.startswith("rank ")]
-            raise distributed.shared(ProbeError(own[0] if own else failures[0]))
+        if not isinstance(error, _OtherRankFailed):  # tell the others, which stop at their next check
+            parts.fail(w.rank, _first_line(error))
+    if w.size > 1:  # every rank learns whether any failed; all end with the failing rank's own message
+        own = None if error is None or isinstance(error, _OtherRankFailed) else _first_line(error)
+        failures = [f for f in distributed.all_gather(own) if f]
+        if error is not None and not isinstance(error, ProbeError):
+            raise error  # not bad input but a fault of probe's: its traceback, on its rank
+        if failures or error is not None:
+            raise distributed.shared(ProbeError(failures[0] if failures else str(error)))
     result.seconds = time.perf_counter() - t0
     result.forward_seconds = embed.forward_seconds
     published = None
@@ -291,6 +299,14 @@ def _run(data, key, path, weights, dev, batch_size, num_workers, resume, progres
         counts = distributed.all_gather((result.images, result.seconds))
         result.images, result.seconds = sum(c for c, _ in counts), max(t for _, t in counts)
     return result
+
+
+class _OtherRankFailed(ProbeError):
+    """Another rank of a torchrun extraction failed (its message, from its marker in the shard folder)."""
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 VIEW_SEED = 1_000_003  # view v draws its crops from the generator seeded VIEW_SEED + v

@@ -14,10 +14,12 @@ from pathlib import Path
 
 import joblib
 import numpy as np
+import torch
 from sklearn.metrics import confusion_matrix
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from probe import distributed
 from probe.backbones import resolve, weights_identity
 from probe.cache import FeatureCache, open_cache
 from probe.datasets.base import OFFICIAL_TEST
@@ -25,6 +27,7 @@ from probe.errors import ProbeError
 from probe.extract import resolve_cache
 from probe.files import atomic_write, check_space, lock, make_dir
 from probe.heads import make_head, rank_classes
+from probe.rows import Part, Rows, parse_bytes
 
 HEAD_FORMAT = 1
 
@@ -76,6 +79,17 @@ def find_cache(*, features: str | None = None, model: str | None = None, dataset
 TEST_FRACTION = 0.2  # held out of train as the test split when a data set has none
 
 
+class Plan(NamedTuple):
+    """Which rows of a cache a fit trains and tests on, worked out from the labels alone."""
+    names: list[str]  # the kept classes; labels are indices into it
+    train_rows: np.ndarray  # rows of the cache's train split
+    y: np.ndarray
+    test_source: str  # the cache split the test rows are of: "test", or "train" when held out of it
+    test_rows: np.ndarray
+    yt: np.ndarray
+    test_split: str  # how the test split was made
+
+
 class Selection(NamedTuple):
     names: list[str]  # the kept classes; labels are indices into it
     X: np.ndarray
@@ -86,43 +100,57 @@ class Selection(NamedTuple):
     train_rows: np.ndarray  # rows of the cache's train split that X holds (for its augmented views)
 
 
-def select(cache: FeatureCache, *, classes: list[str] | None = None, train_per_class: int | None = None,
-           seed: int = 0, test_fraction: float | None = None, layer: str | None = None) -> Selection:
-    """Load the splits, keep only `classes` (names or indices), and take a balanced seeded subset of train.
+def plan(cache: FeatureCache, *, classes: list[str] | None = None, train_per_class: int | None = None,
+         seed: int = 0, test_fraction: float | None = None) -> Plan:
+    """Keep only `classes` (names or indices), and take a balanced seeded subset of train.
 
     A cache without a test split (a folder with train/ only) gets one: a seeded, stratified
     `test_fraction` (default 0.2) of its training images, held out before anything else sees train.
-    Labels are renumbered 0..len(classes)-1. layer: a layer the cache holds, or last4 (None: the
-    final feature).
+    Labels are renumbered 0..len(classes)-1.
     """
     keep = class_indices(cache.classes, classes)
-    X, y = cache.load("train", layer)
+    y = cache.labels("train")
     index = np.arange(len(y))
     if "test" in cache.splits:
         if test_fraction is not None:
             raise ProbeError(f"{cache.path.name} has a test split; --test-fraction is for data sets without one")
-        Xt, yt = cache.load("test", layer)
+        test_source, yt = "test", cache.labels("test")
+        test_index = np.arange(len(yt))
         test_split = cache.attrs.get("protocol") or OFFICIAL_TEST  # caches of probe 0.3 and older: no protocol
     else:
         fraction = TEST_FRACTION if test_fraction is None else test_fraction
         if not 0 < fraction < 1:
             raise ProbeError(f"--test-fraction must be between 0 and 1, not {fraction}")
         train_rows, test_rows = holdout_rows(y, keep, fraction, seed, cache.classes)
-        X, y, Xt, yt, index = X[train_rows], y[train_rows], X[test_rows], y[test_rows], train_rows
+        test_source, yt, test_index = "train", y[test_rows], test_rows
+        y, index = y[train_rows], train_rows
         test_split = holdout_description(fraction, len(test_rows), seed)
     remap = np.full(len(cache.classes), -1)
     remap[keep] = np.arange(len(keep))
     rows = balanced_rows(y, keep, train_per_class, seed, cache.classes, cache.path.name)
-    if len(rows) < len(y):  # index only for a subset: X[rows] copies the whole feature matrix
-        X, y, index = X[rows], y[rows], index[rows]
-    y = remap[y]
     test_rows = np.flatnonzero(np.isin(yt, keep))
     if not len(test_rows):
         raise ProbeError(f"{cache.path.name} has no test images of the selected classes; choose others with --classes")
-    if len(test_rows) < len(yt):
-        Xt, yt = Xt[test_rows], yt[test_rows]
-    yt = remap[yt]
-    return Selection([cache.classes[c] for c in keep], X, y, Xt, yt, test_split, index)
+    return Plan([cache.classes[c] for c in keep], index[rows], remap[y[rows]], test_source, test_index[test_rows],
+                remap[yt[test_rows]], test_split)
+
+
+def select(cache: FeatureCache, *, classes: list[str] | None = None, train_per_class: int | None = None,
+           seed: int = 0, test_fraction: float | None = None, layer: str | None = None) -> Selection:
+    """plan(), with the features in memory. layer: a layer the cache holds, or last4 (None: the final feature)."""
+    p = plan(cache, classes=classes, train_per_class=train_per_class, seed=seed, test_fraction=test_fraction)
+    train, test = stores(cache, p, layer)
+    return Selection(p.names, train.load(), p.y, test.load(), p.yt, p.test_split, p.train_rows)
+
+
+def stores(cache: FeatureCache, p: Plan, layer: str | None = None, views: int = 0,
+           budget: int | None = None) -> tuple[Rows, Rows]:
+    """The training rows (with `views` augmented views of each, as more rows) and the test rows of a plan,
+    read a chunk at a time within `budget` bytes (None: no limit)."""
+    parts = [Part(cache.columns("train", layer), None, p.train_rows, p.y, np.arange(len(p.y)))]
+    parts += [Part(["train/views"], v, p.train_rows, p.y, np.arange(len(p.y))) for v in range(views)]
+    test = Part(cache.columns(p.test_source, layer), None, p.test_rows, p.yt, np.arange(len(p.yt)))
+    return Rows(cache.path, parts, budget), Rows(cache.path, [test], budget)
 
 
 def holdout_description(fraction: float, n_test: int, seed: int) -> str:
@@ -187,24 +215,36 @@ def fit(*, head: str = "logreg", features: str | None = None, model: str | None 
         train_per_class: int | None = None, seed: int = 0, C: float | None = None, k: int | None = None,
         epochs: int | None = None, device: str = "auto", runs_dir: str = "runs",
         test_fraction: float | None = None, class_weight: str | None = None, views: int | None = None,
-        pool: str | None = None, layer: str | None = None, data_options: dict | None = None) -> FitResult:
-    """Fit head `head` on a feature cache, evaluate it on the test split, and save both under `out`."""
+        pool: str | None = None, layer: str | None = None, data_options: dict | None = None,
+        max_memory: str | int | None = None) -> FitResult:
+    """Fit head `head` on a feature cache, evaluate it on the test split, and save both under `out`.
+
+    max_memory: bytes (or "2GB") the features may take; when the fit would need more, the head reads
+    the cache a chunk at a time instead (logreg's sweep and L-BFGS summed over chunks, linear and mlp
+    from a shuffle buffer, knn streaming its training rows). Under torchrun each rank reads its share
+    of the rows and logreg's gradient (knn's nearest rows) are combined over ranks; rank 0 saves.
+    """
     if seed < 0:  # before anything draws from default_rng(seed)
         raise ProbeError(f"--seed must be 0 or more, not {seed}")
+    w = distributed.world(device)
+    budget = parse_bytes(max_memory)
     cache = find_cache(features=features, model=model, dataset=dataset, weights=weights, resolution=resolution,
                        dtype=dtype, data_dir=data_dir, cache_dir=cache_dir, pool=pool, layer=layer,
                        data_options=data_options)
-    names, X, y, Xt, yt, test_split, train_rows = select(cache, classes=classes, train_per_class=train_per_class,
-                                                         seed=seed, test_fraction=test_fraction, layer=layer)
-    n_images, n_views, fit_params = len(y), cache.views if views is None else views, {}
+    p = plan(cache, classes=classes, train_per_class=train_per_class, seed=seed, test_fraction=test_fraction)
+    names, yt, test_split = p.names, p.yt, p.test_split
+    n_images, n_views = len(p.y), cache.views if views is None else views
     if layer is not None and n_views:
         raise ProbeError("augmented views hold the final feature only: give --views 0 with --layer")
-    if n_views:  # the augmented views of the same training images, each image a group of n_views + 1 rows
-        stored = cache.load_views(n_views)[:, train_rows]
-        X = np.concatenate([X, stored.reshape(-1, stored.shape[-1])])
-        groups = np.tile(np.arange(n_images), n_views + 1)
-        y = np.tile(y, n_views + 1)
-        fit_params = {"groups": groups}
+    if not 0 <= n_views <= cache.views:
+        raise ProbeError(f"--views {n_views}, but {cache.path.name} holds {cache.views} view(s) of each training image")
+    # The augmented views of the same training images are more rows, each image a group of n_views + 1.
+    train, test = stores(cache, p, layer, n_views, budget)
+    groups = train.images if n_views else None
+    # In memory unless that would pass the budget: the matrix, its standardized copy and working room.
+    streamed = w.size > 1 or (budget is not None and 3 * train.nbytes() + test.nbytes() > budget)
+    if w.size > 1 and head not in ("logreg", "knn"):
+        raise ProbeError(f"under torchrun, fit distributes logreg and knn; run --head {head} without torchrun")
     for value, what in ((C, "--C"), (epochs, "--epochs"), (k, "--k")):
         if value is not None and not (np.isfinite(value) and value > 0):
             raise ProbeError(f"{what} must be a positive finite number, not {value}")
@@ -216,25 +256,32 @@ def fit(*, head: str = "logreg", features: str | None = None, model: str | None 
               "mlp": {"epochs": epochs, "random_state": seed, "device": device, "class_weight": class_weight}
               }.get(head, {})
     estimator = make_head(head, **params)
-    pipeline = estimator if head == "knn" else make_pipeline(StandardScaler(), estimator)  # kNN normalizes itself
     t0 = time.perf_counter()
-    if fit_params and isinstance(pipeline, Pipeline):
-        fit_params = {f"{pipeline.steps[-1][0]}__{k}": v for k, v in fit_params.items()}
     try:
-        pipeline.fit(X, y, **fit_params)
+        if streamed:
+            pipeline = _fit_streamed(estimator, head, train, groups)
+        else:
+            pipeline = estimator if head == "knn" else make_pipeline(StandardScaler(), estimator)  # kNN normalizes itself
+            fit_params = {} if groups is None else {f"{pipeline.steps[-1][0]}__groups": groups}
+            pipeline.fit(train.load(), train.labels, **fit_params)
     except ValueError as e:  # the heads raise as scikit-learn estimators do; the CLI wants one line
         raise ProbeError(f"{head} head: {str(e).strip().splitlines()[0]}") from None
     fit_seconds = time.perf_counter() - t0
-    ranked = rank_classes(pipeline.predict_proba(Xt))  # the ranking predict uses: column 0 is the prediction
+    if streamed:  # every rank the same test chunks, in order (kNN combines its neighbours over ranks)
+        probabilities = np.concatenate([pipeline.predict_proba(X) for X, _ in test.chunks(every_rank=True)])
+    else:
+        probabilities = pipeline.predict_proba(test.load())
+    ranked = rank_classes(probabilities)  # the ranking predict uses: column 0 is the prediction
     predicted = pipeline.classes_[ranked[:, 0]]
     per_class = {n: float((predicted[yt == i] == i).mean()) if (yt == i).any() else None for i, n in enumerate(names)}
     key = cache.key
     metrics = {
         "kind": "fit", "method": head, "model": key["model"], "pool": key.get("pool"), "layer": layer or "final",
-        "feature_dim": int(X.shape[1]), "weights": key["weights"],
+        "feature_dim": int(train.dim), "weights": key["weights"],
         "resolution": key["resolution"], "dataset": key["dataset"], "cache": str(cache.path),
         "classes": names, "n_train": int(n_images), "n_test": int(len(yt)), "test_split": test_split,
-        "views": int(n_views), "augment": cache.key.get("augment") if n_views else None, "n_train_rows": int(len(y)),
+        "views": int(n_views), "augment": cache.key.get("augment") if n_views else None, "n_train_rows": int(len(train)),
+        "streamed": streamed, "max_memory": budget, "world_size": w.size,
         "test_accuracy": float((predicted == yt).mean()),
         # The mean recall per class, as peer benchmarks report beside top-1 (classes with test images).
         "balanced_accuracy": float(np.mean([a for a in per_class.values() if a is not None])),
@@ -252,11 +299,51 @@ def fit(*, head: str = "logreg", features: str | None = None, model: str | None 
                                                                 class_weight, views, layer)
     artifact = {"format": HEAD_FORMAT, "pipeline": pipeline, "classes": names, "model": key["model"],
                 "weights": weights_source(cache, weights), "weights_identity": key["weights"], "resolution": key["resolution"],
-                "preprocessing": key["preprocessing"], "pool": key.get("pool"), "feature_dim": int(X.shape[1]),
+                "preprocessing": key["preprocessing"], "pool": key.get("pool"), "feature_dim": int(train.dim),
                 "layers": cache.layer_group(layer) if layer else [],
                 "cache": str(cache.path)}
-    save_run(out_dir, artifact, metrics)
+    if w.main:  # under torchrun every rank holds the same head: rank 0 saves it
+        save_run(out_dir, artifact, metrics)
     return FitResult(out_dir, metrics)
+
+
+def _fit_streamed(estimator, head: str, train: Rows, groups: np.ndarray | None):
+    """Fit on rows read a chunk at a time: the scaler from summed moments, then the head on scaled chunks."""
+    if head == "knn":  # normalizes itself; keeps a reference to the rows, not the rows
+        return estimator.fit_chunks(train, train.labels, train.dim)
+    scaler = _streamed_scaler(train)
+
+    def chunks(keep=None):
+        for X, y in train.chunks(keep):
+            yield scaler.transform(X), y
+
+    def minibatches(epoch, batch_size):
+        for X, y in train.minibatches(epoch, batch_size, seed=estimator.random_state):
+            yield scaler.transform(X), y
+
+    if head == "logreg":
+        estimator.fit_chunks(chunks, train.labels, groups, train.dim)
+    else:
+        estimator.fit_chunks(minibatches, train.labels, train.dim)
+    return make_pipeline(scaler, estimator)
+
+
+def _streamed_scaler(train: Rows) -> StandardScaler:
+    """scikit-learn's StandardScaler of all rows, from sums over chunks (and ranks) in float64."""
+    moments = np.zeros((3, train.dim))  # count, sum, sum of squares
+    for X, _ in train.chunks():
+        moments[0] += len(X)
+        moments[1] += X.sum(0, dtype=np.float64)
+        moments[2] += np.square(X, dtype=np.float64).sum(0)
+    moments = distributed.all_reduce(torch.from_numpy(moments)).numpy()
+    n = moments[0, 0]
+    scaler = StandardScaler()
+    scaler.mean_ = moments[1] / n
+    scaler.var_ = np.maximum(moments[2] / n - scaler.mean_ ** 2, 0.0)
+    scale = np.sqrt(scaler.var_)
+    scaler.scale_ = np.where(scale < 10 * np.finfo(scale.dtype).eps, 1.0, scale)  # as scikit-learn: constant columns
+    scaler.n_samples_seen_, scaler.n_features_in_ = int(n), train.dim
+    return scaler
 
 
 def weights_source(cache: FeatureCache, weights_option: str | None = None) -> str:
@@ -286,6 +373,7 @@ def _hyperparameters(pipeline) -> dict:
         hp["C_chosen"] = head.C_
         hp["C_from"] = "sweep" if head.sweep_ else ("--C" if head.C is not None else "default: too few samples to sweep")
         hp["sweep"] = [{"C": c, "val_accuracy": a} for c, a in head.sweep_]
+        hp["n_iter"] = int(head.n_iter_)  # L-BFGS iterations of the final fit
     return hp
 
 

@@ -78,3 +78,50 @@ def test_bn_cause_smoke(tmp_path):
     r = json.loads(out.read_text())
     assert [row["bn"] for row in r["rows"]] == [None, "train", "frozen", "train", "frozen", "frozen"]
     assert r["rows"][-1]["lp_epochs"] == 0 and all(len(row["curve"]) == 2 for row in r["rows"][1:])
+
+
+def test_lr_search_smoke(tmp_path):
+    import lr_search
+
+    out = tmp_path / "lr.json"
+    lr_search.main(["--data", str(SAMPLE_DIR), *TINY, "--train-per-class", "2",
+                    "--validation-per-class", "1", "--epochs", "1", "--full-lrs", "1e-4", "--lp-ft-lrs", "1e-4,3e-4",
+                    "--out", str(out)])
+    r = json.loads(out.read_text())
+    assert [(row["run"], row["lr"]) for row in r["rows"]] == [("cached logreg", None), ("full", 1e-4), ("lp-ft", 1e-4),
+                                                               ("lp-ft", 3e-4)]
+    assert set(r["picked_lr"]) == {"full", "lp-ft"} and r["settings"]["n_validation"] == 10
+
+
+def test_suite_smoke(tmp_path):
+    import suite
+
+    out = tmp_path / "suite.json"
+    suite.main(["--data", str(SAMPLE_DIR), "--model", "resnet18", "--weights", "none", "--resolution", "32",
+                "--out", str(out)])
+    r = json.loads(out.read_text())
+    assert [run["pairs"] for run in r["runs"]] == [{"done": 5, "reused": 0, "failed": 0},
+                                                   {"done": 5, "reused": 5, "failed": 0},
+                                                   {"done": 0, "reused": 10, "failed": 0}]
+    assert r["rerun_share"] > 0 and len(r["accuracy"]) == 2
+
+
+def test_scale_smoke(tmp_path):
+    import scale
+
+    out = tmp_path / "scale.json"
+    scale.main(["--data", str(SAMPLE_DIR), "--rows", "3000", "--dim", "64", "--classes", "5", "--max-memory", "1MB",
+                "--subset-per-class", "100", "--skip-extraction", "--out", str(out)])  # torchrun: test_distributed
+    r = json.loads(out.read_text())
+    assert r["heads"]["capped"]["streamed"] and not r["heads"]["in_memory_subset"]["streamed"]
+    assert r["heads"]["in_memory_subset"]["rows"] == 500 and r["heads"]["capped"]["rows"] == 3000
+    assert r["assembly"]["over_a_plain_copy"] > 0 and "extraction" not in r
+
+
+def test_wds_reader_smoke(tmp_path):
+    import wds_reader
+
+    out = tmp_path / "wds.json"
+    wds_reader.main(["--data", str(SAMPLE_DIR), "--images", "300", "--repeats", "1", "--out", str(out)])
+    r = json.loads(out.read_text())
+    assert r["settings"]["shards"] == 1 and set(r["images_per_second"]) == {"probe", "webdataset"}

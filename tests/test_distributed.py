@@ -19,7 +19,7 @@ import pytest
 from conftest import copy_sample
 from probe.extract import extract
 
-MODEL = ["--model", "resnet18", "--weights", "none", "--resolution", "48"]
+MODEL = ["--model", "resnet18", "--weights", "none", "--resolution", "32"]
 
 
 def torchrun(*args, ranks: int = 2, restarts: int = 0, cwd: Path, wait: bool = True):
@@ -42,14 +42,14 @@ def same_features(a: Path, b: Path) -> None:
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory) -> Path:
-    """The single-process file the distributed runs must equal (with 2 augmented views: 4 passes)."""
+    """The single-process file the distributed runs must equal (with an augmented view: 3 passes)."""
     cache = tmp_path_factory.mktemp("single")
-    return extract(model="resnet18", weights="none", resolution=48, dataset="sample", views=2, cache_dir=str(cache),
+    return extract(model="resnet18", weights="none", resolution=32, dataset="sample", views=1, cache_dir=str(cache),
                    progress=False).path
 
 
 def test_two_ranks_write_the_single_process_file_bit_for_bit(tmp_path, single):
-    done = torchrun("extract", "--dataset", "sample", *MODEL, "--views", "2", "--cache-dir", "c", cwd=tmp_path)
+    done = torchrun("extract", "--dataset", "sample", *MODEL, "--views", "1", "--cache-dir", "c", cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     [written] = (tmp_path / "c").glob("*.h5")
     assert written.name == single.name  # the same key
@@ -71,28 +71,28 @@ def wait_for_shards(cache: Path, n: int, proc: subprocess.Popen) -> None:
 
 
 def test_a_rank_killed_mid_run_is_restarted_by_torchrun_and_resumes(tmp_path, single):
-    proc = torchrun("extract", "--dataset", "sample", *MODEL, "--views", "2", "--cache-dir", "c", restarts=1,
+    proc = torchrun("extract", "--dataset", "sample", *MODEL, "--views", "1", "--cache-dir", "c", restarts=1,
                     cwd=tmp_path, wait=False)
     wait_for_shards(tmp_path / "c", 3, proc)
     os.kill(worker_pids(proc)[-1], signal.SIGKILL)  # rank 1, mid-run
     output, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, output  # torchrun restarted the group, which finished the job
     resumed = int(output.split("wrote ")[1].split(": ")[1].split()[0])
-    assert resumed < 1000 + 500 + 2 * 1000  # the restarted ranks did only what was left
+    assert resumed < 1000 + 500 + 1000  # the restarted ranks did only what was left
     same_features(next((tmp_path / "c").glob("*.h5")), single)
 
 
 def test_a_job_resumed_with_another_world_size_redoes_nothing(tmp_path, single):
-    proc = torchrun("extract", "--dataset", "sample", *MODEL, "--views", "2", "--cache-dir", "c", cwd=tmp_path, wait=False)
+    proc = torchrun("extract", "--dataset", "sample", *MODEL, "--views", "1", "--cache-dir", "c", cwd=tmp_path, wait=False)
     wait_for_shards(tmp_path / "c", 4, proc)
     proc.send_signal(signal.SIGTERM)  # the whole job stops (as a scheduler's preemption)
     proc.communicate(timeout=120)
     shards = {p.name for p in (tmp_path / "c").glob("*.parts/*.npy")}
     assert len(shards) >= 4 and {s.split("-")[1] for s in shards} != {"000000000"}  # both ranks had written
     # Resumed by one process: it fills the gaps between the two ranks' shards and no more.
-    result = extract(model="resnet18", weights="none", resolution=48, dataset="sample", views=2,
+    result = extract(model="resnet18", weights="none", resolution=32, dataset="sample", views=1,
                      cache_dir=str(tmp_path / "c"), progress=False)
-    assert 0 < result.images < 1500 + 2 * 1000
+    assert 0 < result.images < 1500 + 1000
     same_features(result.path, single)
 
 

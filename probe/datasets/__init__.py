@@ -4,6 +4,7 @@
     stl10, svhn, flowers102, dtd, ... torchvision.py (the standard linear-probe suite)
     sample, folder:PATH               folder.py (the bundled sample; your own image folders)
     hf:NAME-OR-FOLDER[@CONFIG]        hf.py (needs `pip install "probe[hf]"`)
+    wds:PATTERN                       wds.py (WebDataset tar shards)
 
 `load_dataset(name, data_dir, download, options)` returns an ImageDataset (probe.datasets.base):
 class names, splits, a fingerprint of the images and labels, and the split protocol. Named data sets
@@ -36,9 +37,9 @@ NAMED = {
     "sample": (lambda root, download: folder.load_sample(root, download), 10, (1000, 500),
                "bundled with probe: 100 train and 50 test images per class of the JPEG CIFAR-10", "(in the package)"),
 }
-PREFIXES = ("folder:", "hf:")
+PREFIXES = ("folder:", "hf:", "wds:")
 # Options that only some sources read; given for another source they are an error, not ignored.
-OPTIONS = {"image_column": "hf:", "label_column": "hf:"}
+OPTIONS = {"image_column": "hf:", "label_column": "hf:", "test_shards": "wds:", "class_names": "wds:"}
 
 
 def load_dataset(name: str, data_dir: str | os.PathLike = "data", download: bool = True,
@@ -46,7 +47,7 @@ def load_dataset(name: str, data_dir: str | os.PathLike = "data", download: bool
     """Load a data set by name (`probe datasets` lists them), folder:PATH or hf:NAME-OR-FOLDER[@CONFIG].
 
     download: fetch a named data set into data_dir when it is missing. options: image_column and
-    label_column of a Hugging Face data set.
+    label_column of a Hugging Face data set; test_shards and class_names of WebDataset shards.
     """
     options = {k: v for k, v in (options or {}).items() if v is not None}
     for option in options:
@@ -64,8 +65,12 @@ def load_dataset(name: str, data_dir: str | os.PathLike = "data", download: bool
         from probe.datasets import hf
 
         return hf.load(name[len("hf:"):], Path(data_dir), download, options)
+    if name.startswith("wds:"):
+        from probe.datasets import wds
+
+        return wds.load(name[len("wds:"):], Path(data_dir), download, options)
     raise ProbeError(f"unknown data set {name!r}: choose one of {', '.join(NAMED)}, or folder:PATH, "
-                     "hf:NAME-OR-FOLDER[@CONFIG] (probe datasets lists them)")
+                     "hf:NAME-OR-FOLDER[@CONFIG], wds:PATTERN (probe datasets lists them)")
 
 
 def describe_datasets(data_dir: str | os.PathLike = "data") -> list[dict]:
