@@ -37,6 +37,9 @@ from common import folder_subset, write_result  # noqa: E402
 from probe.cache import PartialCache, cache_key, cache_path  # noqa: E402
 
 
+SEPARATION = 0.12  # class means N(0, 0.06^2) per dimension against unit noise: neither trivial nor chance
+
+
 def synthetic_cache(folder: Path, n_train: int, n_test: int, dim: int, classes: int,
                     seed: int = 0) -> tuple[Path, float, float]:
     """An ImageNet-sized float16 cache of Gaussian classes, written shard by shard like an extraction; the
@@ -54,7 +57,7 @@ def synthetic_cache(folder: Path, n_train: int, n_test: int, dim: int, classes: 
         y = rng.integers(0, classes, n)
         for a in range(0, n, 100_000):  # a shard at a time: never the whole matrix in memory
             b = min(a + 100_000, n)
-            X = means[y[a:b]] * 0.35 + rng.standard_normal((b - a, dim), dtype=np.float32)
+            X = means[y[a:b]] * SEPARATION + rng.standard_normal((b - a, dim), dtype=np.float32)
             parts.write(split, a, X.astype(np.float16))
         labels[split] = y
     t0 = time.perf_counter()

@@ -45,6 +45,16 @@ def out_of_memory_error(e: BaseException, what: str, fix: str) -> ProbeError:
     return ProbeError(f"out of memory {what}{amount}; {fix}")
 
 
+def resident_bytes() -> int:
+    """This process's resident memory now (Linux: /proc/self/statm; elsewhere its peak so far)."""
+    try:
+        return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
 def format_bytes(n: float) -> str:
     for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":

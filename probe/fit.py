@@ -23,6 +23,7 @@ from probe import distributed
 from probe.backbones import resolve, weights_identity
 from probe.cache import FeatureCache, open_cache
 from probe.datasets.base import OFFICIAL_TEST
+from probe.device import format_bytes, resident_bytes
 from probe.errors import ProbeError
 from probe.extract import resolve_cache
 from probe.files import atomic_write, check_space, lock, make_dir
@@ -150,7 +151,9 @@ def stores(cache: FeatureCache, p: Plan, layer: str | None = None, views: int = 
     parts = [Part(cache.columns("train", layer), None, p.train_rows, p.y, np.arange(len(p.y)))]
     parts += [Part(["train/views"], v, p.train_rows, p.y, np.arange(len(p.y))) for v in range(views)]
     test = Part(cache.columns(p.test_source, layer), None, p.test_rows, p.yt, np.arange(len(p.yt)))
-    return Rows(cache.path, parts, budget), Rows(cache.path, [test], budget)
+    tests = Rows(cache.path, [test], budget)
+    tests.resident_budget = 0  # read once, for the metrics: nothing to keep
+    return Rows(cache.path, parts, budget), tests
 
 
 def holdout_description(fraction: float, n_test: int, seed: int) -> str:
@@ -228,6 +231,14 @@ def fit(*, head: str = "logreg", features: str | None = None, model: str | None 
         raise ProbeError(f"--seed must be 0 or more, not {seed}")
     w = distributed.world(device)
     budget = parse_bytes(max_memory)
+    if budget is not None:  # the cap is the process's: what probe and its libraries hold already counts
+        held = resident_bytes()
+        if budget - held < 1 << 20:
+            raise ProbeError(f"--max-memory {max_memory}: this process holds {format_bytes(held)} before reading any "
+                             f"features; give more than that")
+        # A quarter of what is left is slack: the allocator keeps freed blocks, and the process grows a
+        # little as it fits (measured: 5% over the cap without it).
+        budget = (budget - held) * 3 // 4
     cache = find_cache(features=features, model=model, dataset=dataset, weights=weights, resolution=resolution,
                        dtype=dtype, data_dir=data_dir, cache_dir=cache_dir, pool=pool, layer=layer,
                        data_options=data_options)
@@ -281,7 +292,7 @@ def fit(*, head: str = "logreg", features: str | None = None, model: str | None 
         "resolution": key["resolution"], "dataset": key["dataset"], "cache": str(cache.path),
         "classes": names, "n_train": int(n_images), "n_test": int(len(yt)), "test_split": test_split,
         "views": int(n_views), "augment": cache.key.get("augment") if n_views else None, "n_train_rows": int(len(train)),
-        "streamed": streamed, "max_memory": budget, "world_size": w.size,
+        "streamed": streamed, "max_memory": parse_bytes(max_memory), "world_size": w.size,
         "test_accuracy": float((predicted == yt).mean()),
         # The mean recall per class, as peer benchmarks report beside top-1 (classes with test images).
         "balanced_accuracy": float(np.mean([a for a in per_class.values() if a is not None])),
@@ -334,7 +345,7 @@ def _streamed_scaler(train: Rows) -> StandardScaler:
     for X, _ in train.chunks():
         moments[0] += len(X)
         moments[1] += X.sum(0, dtype=np.float64)
-        moments[2] += np.square(X, dtype=np.float64).sum(0)
+        moments[2] += (X * X).sum(0, dtype=np.float64)  # squares in float32, summed in float64
     moments = distributed.all_reduce(torch.from_numpy(moments)).numpy()
     n = moments[0, 0]
     scaler = StandardScaler()

@@ -38,10 +38,10 @@ class Rows:
             self.itemsize = f[parts[0].columns[0]].dtype.itemsize
         self.labels = np.concatenate([p.labels for p in parts])
         self.images = np.concatenate([p.images for p in parts])
-        # About a quarter of the budget for the chunk being worked on (float32, and its copies), half
-        # for chunks kept between passes.
+        # Half the budget for chunks kept between passes; a chunk is 1/64 of it as float32, since working
+        # on one takes about ten chunks' worth (the up-cast, the rows kept, the scaled copy, the logits).
         budget = budget or (1 << 62)
-        self.chunk_rows = chunk_rows or int(max(256, min(1 << 16, budget // (16 * 4 * max(1, self.dim)))))
+        self.chunk_rows = chunk_rows or int(max(256, min(1 << 16, budget // (64 * 4 * max(1, self.dim)))))
         self.resident_budget = budget // 2
         self._kept: dict[tuple[int, int, int], np.ndarray] = {}
         self._kept_bytes = 0
@@ -80,7 +80,7 @@ class Rows:
             X, y = self._read(p, a, b), self.parts[p].labels[a:b]
             yield (X, y) if mask is None or mask.all() else (X[mask], y[mask])
 
-    def _read(self, p: int, a: int, b: int) -> np.ndarray:
+    def _read(self, p: int, a: int, b: int, keep: bool = True) -> np.ndarray:
         if (p, a, b) in self._kept:
             return self._kept[p, a, b].astype(np.float32, copy=False)
         part = self.parts[p]
@@ -102,7 +102,7 @@ class Rows:
         except (OSError, KeyError) as e:
             raise ProbeError(f"cache {self.path} is corrupt ({e}); delete it and run probe extract again") from None
         raw = blocks[0] if len(blocks) == 1 else np.concatenate(blocks, 1)
-        if self._kept_bytes + raw.nbytes <= self.resident_budget:
+        if keep and self._kept_bytes + raw.nbytes <= self.resident_budget:
             self._kept[p, a, b] = raw
             self._kept_bytes += raw.nbytes
         return raw.astype(np.float32, copy=False)
@@ -137,11 +137,12 @@ class Rows:
                 yield X[order[j:j + batch_size]], y[order[j:j + batch_size]]
 
     def load(self) -> np.ndarray:
-        """Every row in memory as float32 (the in-memory fit), filled a chunk at a time: no second copy."""
+        """Every row in memory as float32 (the in-memory fit), filled a chunk at a time: no second copy, and
+        nothing kept of the chunks."""
         out, row = np.empty((len(self), self.dim), np.float32), 0
-        for X, _ in self.chunks(every_rank=True):
-            out[row:row + len(X)] = X
-            row += len(X)
+        for p, a, b in self._spans(0, len(self)):
+            out[row:row + b - a] = self._read(p, a, b, keep=False)
+            row += b - a
         return out
 
 

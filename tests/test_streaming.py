@@ -25,6 +25,7 @@ from sklearn.preprocessing import StandardScaler
 from conftest import assert_one_line_error
 from probe.cache import open_cache
 from probe.datasets import SAMPLE_DIR
+from probe.device import resident_bytes
 from probe.extract import extract
 from probe.fit import fit, plan, stores
 from probe.heads import LogisticProbe
@@ -75,8 +76,9 @@ def test_a_float16_cache_is_up_cast_per_chunk(fp16_cache):
 @pytest.mark.parametrize("head", ["logreg", "knn", "linear"])
 def test_probe_fit_under_a_memory_cap_streams_and_matches(sample_cache, tmp_path, head):
     in_memory = fit(head=head, features=str(sample_cache), out=str(tmp_path / "mem"), device="cpu").metrics
-    capped = fit(head=head, features=str(sample_cache), out=str(tmp_path / "cap"), device="cpu", max_memory="2MB").metrics
-    assert not in_memory["streamed"] and capped["streamed"] and capped["max_memory"] == 2 << 20
+    cap = resident_bytes() + (4 << 20)  # the cap is the process's: a few MB for 5 MB of training features
+    capped = fit(head=head, features=str(sample_cache), out=str(tmp_path / "cap"), device="cpu", max_memory=cap).metrics
+    assert not in_memory["streamed"] and capped["streamed"] and capped["max_memory"] == cap
     if head == "linear":  # SGD from a shuffle buffer draws other minibatches: close, not equal
         assert abs(capped["test_accuracy"] - in_memory["test_accuracy"]) < 0.05 and capped["test_accuracy"] > 0.5
     else:
@@ -101,7 +103,8 @@ def test_shuffled_minibatches_mix_a_class_sorted_file(sample_cache):
 
 def test_a_streamed_knn_head_predicts_from_its_cache(sample_cache, tmp_path, run_cli):
     fit(head="knn", features=str(sample_cache), out=str(tmp_path / "mem"), device="cpu")
-    fit(head="knn", features=str(sample_cache), out=str(tmp_path / "cap"), device="cpu", max_memory="1MB")
+    fit(head="knn", features=str(sample_cache), out=str(tmp_path / "cap"), device="cpu",
+        max_memory=resident_bytes() + (2 << 20))
     assert (tmp_path / "cap" / "head.joblib").stat().st_size < (tmp_path / "mem" / "head.joblib").stat().st_size / 10
     images = sorted((SAMPLE_DIR / "test").glob("*/*.jpg"))[::25]
     same = [run_cli("predict", "--head", tmp_path / r, *images, "--json") for r in ("mem", "cap")]
@@ -118,6 +121,8 @@ def test_max_memory_values(run_cli, sample_cache):
     assert parse_bytes("2GB") == 2 << 30 and parse_bytes("512MiB") == 512 << 20 and parse_bytes("1.5g") == 3 << 29
     assert_one_line_error(run_cli("fit", "--features", sample_cache, "--max-memory", "lots"), "--max-memory", "2GB")
     assert_one_line_error(run_cli("fit", "--features", sample_cache, "--max-memory", "10kB"), "at least 1MB")
+    assert_one_line_error(run_cli("fit", "--features", sample_cache, "--max-memory", "100MB"),
+                          "this process holds", "before reading any features")
 
 
 TORCHRUN_FIT = """
