@@ -260,7 +260,8 @@ def suite(r: dict) -> list[str]:
     first = r["runs"][0]["seconds"]
     lines = [
         f"**Suite** (`benchmarks/results/suite.json`; {_machine(r)}): `probe suite` with {s['model']} at "
-        f"{s['resolution']} over {', '.join(f'`{d}`' for d in s['datasets'])} ({s['fixtures']}), three runs in one "
+        + (f"{s['resolution']} px" if isinstance(s["resolution"], int) else "its own resolution")
+        + f" over {', '.join(f'`{d}`' for d in s['datasets'])} ({s['fixtures']}), three runs in one "
         "process, each as a share of the first:",
         "",
         "| run | pairs fitted | pairs reused | time, as a share of the first run |",

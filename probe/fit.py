@@ -151,9 +151,7 @@ def stores(cache: FeatureCache, p: Plan, layer: str | None = None, views: int = 
     parts = [Part(cache.columns("train", layer), None, p.train_rows, p.y, np.arange(len(p.y)))]
     parts += [Part(["train/views"], v, p.train_rows, p.y, np.arange(len(p.y))) for v in range(views)]
     test = Part(cache.columns(p.test_source, layer), None, p.test_rows, p.yt, np.arange(len(p.yt)))
-    tests = Rows(cache.path, [test], budget)
-    tests.resident_budget = 0  # read once, for the metrics: nothing to keep
-    return Rows(cache.path, parts, budget), tests
+    return Rows(cache.path, parts, budget), Rows(cache.path, [test], budget, keep=False)  # the test rows: read once
 
 
 def holdout_description(fraction: float, n_test: int, seed: int) -> str:

@@ -31,18 +31,21 @@ class Part:
 
 
 class Rows:
-    def __init__(self, path: str | Path, parts: list[Part], budget: int | None = None, chunk_rows: int | None = None):
+    """The rows of `parts` of a cache file, read within `budget` bytes (None: no limit); keep=False for
+    rows read once (a test split), of which nothing is kept between passes."""
+
+    def __init__(self, path: str | Path, parts: list[Part], budget: int | None = None, chunk_rows: int | None = None,
+                 keep: bool = True):
         self.path, self.parts = Path(path), parts
         with h5py.File(self.path, "r") as f:
             self.dim = sum(f[c].shape[-1] for c in parts[0].columns)
-            self.itemsize = f[parts[0].columns[0]].dtype.itemsize
         self.labels = np.concatenate([p.labels for p in parts])
         self.images = np.concatenate([p.images for p in parts])
         # Half the budget for chunks kept between passes; a chunk is 1/64 of it as float32, since working
         # on one takes about ten chunks' worth (the up-cast, the rows kept, the scaled copy, the logits).
         budget = budget or (1 << 62)
         self.chunk_rows = chunk_rows or int(max(256, min(1 << 16, budget // (64 * 4 * max(1, self.dim)))))
-        self.resident_budget = budget // 2
+        self.resident_budget = budget // 2 if keep else 0
         self._kept: dict[tuple[int, int, int], np.ndarray] = {}
         self._kept_bytes = 0
 
