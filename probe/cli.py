@@ -94,7 +94,7 @@ def _cache_options(fn):
         click.option("--pool", help="Token models: cls, avg or cls+avg (timm also head, hf also pooler); "
                                     "open_clip: pooled or proj. [default: the family's own, see README]"),
         click.option("--dtype", help="Feature storage: float32 or float16. [default: float32]"),
-        click.option("--data-dir", help="Where cifar10 is (downloaded if missing). [default: data]"),
+        click.option("--data-dir", help="Where named data sets are (downloaded if missing). [default: data]"),
         click.option("--cache-dir", help="Feature cache folder. [default: cache]"),
         _data_source_options,
     ]):
@@ -330,7 +330,7 @@ def cache_rm(paths):
 @_data_source_options
 @click.option("--weights", help="default, none, or a weights file or saved folder. [default: default]")
 @click.option("--resolution", type=int, help="Input size in pixels. [default: the backbone's own]")
-@click.option("--data-dir", help="Where cifar10 is. [default: data]")
+@click.option("--data-dir", help="Where named data sets are (downloaded if missing). [default: data]")
 @click.option("--classes", help="Comma-separated class names or indices to keep.")
 @click.option("--train-per-class", type=int, help="A balanced, seeded subset of N training images per class.")
 @click.option("--seed", type=int, help="Seed of the subset, the new layer, the shuffling. [default: 0]")

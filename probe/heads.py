@@ -58,11 +58,18 @@ class _TorchClassifier(ClassifierMixin, BaseEstimator):
 
     def _encode(self, X, y):
         X, y = validate_data(self, X, y, dtype=self._dtypes)
+        return X, self._encode_labels(y)
+
+    def _encode_labels(self, y: np.ndarray, n_features: int | None = None) -> np.ndarray:
+        """classes_ from the labels and y as indices into them; n_features: set n_features_in_ (a fit whose
+        rows are read later, in chunks)."""
         check_classification_targets(y)  # a continuous y: "Unknown label type"
         self.classes_, y = np.unique(y, return_inverse=True)
         if len(self.classes_) < 2:
             raise ValueError(f"y has only one class ({self.classes_[0]!r}): a classifier needs at least two classes")
-        return X, y
+        if n_features is not None:
+            self.n_features_in_ = n_features
+        return y
 
     def _logits(self, X: np.ndarray) -> torch.Tensor:
         raise NotImplementedError
@@ -127,11 +134,7 @@ class LogisticProbe(_TorchClassifier):
         this process's rows where the mask `keep` over all rows is true (all rows when None); labels and
         groups are of all rows, in the same order."""
         self._check_C()
-        check_classification_targets(labels)
-        self.classes_, y = np.unique(labels, return_inverse=True)
-        if len(self.classes_) < 2:
-            raise ValueError(f"y has only one class ({self.classes_[0]!r}): a classifier needs at least two classes")
-        self.n_features_in_ = n_features
+        y = self._encode_labels(labels, n_features)
         dev = resolve_device(self.device)
         classes = self.classes_
 
@@ -261,11 +264,7 @@ class _TrainedHead(_TorchClassifier):
     def fit_chunks(self, minibatches, labels: np.ndarray, n_features: int):
         """Train on minibatches(epoch, batch_size) of (X float32, y) numpy arrays, shuffled by the
         store (a shuffle buffer over chunks read in random order); labels: of all rows."""
-        check_classification_targets(labels)
-        self.classes_, y = np.unique(labels, return_inverse=True)
-        if len(self.classes_) < 2:
-            raise ValueError(f"y has only one class ({self.classes_[0]!r}): a classifier needs at least two classes")
-        self.n_features_in_ = n_features
+        y = self._encode_labels(labels, n_features)
         dev = resolve_device(self.device)
         classes = self.classes_
 
@@ -345,9 +344,7 @@ class CosineKNN(_TorchClassifier):
         under torchrun) instead of the matrix: predict_proba streams the training set a chunk at a time."""
         if self.k < 1:
             raise ValueError(f"k must be positive, not {self.k}")
-        check_classification_targets(labels)
-        self.classes_ = np.unique(labels)
-        self.n_features_in_ = n_features
+        self._encode_labels(labels, n_features)
         self.store_, self.n_train_ = store, len(labels)
         return self
 

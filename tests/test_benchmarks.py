@@ -110,7 +110,7 @@ def test_scale_smoke(tmp_path):
     import scale
 
     out = tmp_path / "scale.json"
-    scale.main(["--data", str(SAMPLE_DIR), "--rows", "3000", "--dim", "64", "--classes", "5", "--max-memory", "1MB",
+    scale.main(["--data", str(SAMPLE_DIR), "--rows", "3000", "--dim", "256", "--classes", "5", "--max-memory", "+4MB",
                 "--subset-per-class", "100", "--skip-extraction", "--out", str(out)])  # torchrun: test_distributed
     r = json.loads(out.read_text())
     assert r["heads"]["capped"]["streamed"] and not r["heads"]["in_memory_subset"]["streamed"]
