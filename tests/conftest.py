@@ -3,6 +3,7 @@ on-disk format) and real caches made by the real extractor. Nothing here is mock
 
 from __future__ import annotations
 
+import os
 import pickle
 from pathlib import Path
 
@@ -14,6 +15,14 @@ from PIL import Image
 from probe.cli import main
 from probe.datasets import SAMPLE_DIR
 from probe.extract import extract
+
+@pytest.fixture(scope="session", autouse=True)
+def memo_dir(tmp_path_factory) -> Path:
+    """The tests' own memo of file fingerprints and shard indexes (probe/memo.py), not the user's."""
+    folder = tmp_path_factory.mktemp("memo")
+    os.environ["PROBE_MEMO_DIR"] = str(folder)  # the processes the tests start inherit it
+    return folder
+
 
 # The sample through the offline pretrained lite0 at a small resolution: real features, a few seconds.
 SAMPLE_RES = 64

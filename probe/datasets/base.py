@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import shutil
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +23,7 @@ from typing import Protocol
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from probe import distributed
+from probe import distributed, memo
 from probe.errors import ProbeError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -107,7 +108,9 @@ def decode_image(data: bytes | io.BufferedIOBase, name: str) -> np.ndarray:
 
 def files_fingerprint(files: list[tuple[str, str | Path]]) -> str:
     """A hash of every file's place (split/class/name) and content: any image replaced, added, removed or
-    moved to another class gives another fingerprint, whatever its size or modification time."""
+    moved to another class gives another fingerprint, whatever its size or modification time. The files
+    are read once: while their stat signature stays the same, the next call takes the hash from the memo
+    (probe/memo.py says why a changed file cannot keep its signature)."""
     def content(path) -> bytes:
         digest = hashlib.blake2b(digest_size=16)
         try:
@@ -119,11 +122,18 @@ def files_fingerprint(files: list[tuple[str, str | Path]]) -> str:
         return digest.digest()
 
     def fingerprint() -> str:
+        key, settled = memo.signature("files_fingerprint", files)  # unchanged files: the last command's result
+        known = memo.get(key)
+        if known is not None and re.fullmatch(rb"[0-9a-f]{16}", known):
+            return known.decode()
         digest = hashlib.sha256()
         with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:  # reads release the GIL
             for (place, _), file_digest in zip(files, pool.map(content, [f for _, f in files], chunksize=256)):
                 digest.update(place.encode() + b"\0" + file_digest)
-        return digest.hexdigest()[:16]
+        value = digest.hexdigest()[:16]
+        if settled:
+            memo.put(key, value.encode())
+        return value
 
     # Under torchrun rank 0 reads the files and the others take its fingerprint: one process's cost.
     return distributed.on_main(fingerprint)

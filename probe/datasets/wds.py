@@ -3,27 +3,31 @@
 
 PATTERN takes brace ranges and lists (`{0000..1023}`, `{a,b}`) and shell wildcards. The test split is
 `--test-shards PATTERN`, or else the shards the pattern names with `train` replaced by `test` (or `val`)
-and its braces by wildcards (train-{0000..1023}.tar -> test-*.tar), where there are any. A sample's image is its first member with an image extension and its label the integer
-in its `.cls` member; class names come from `--class-names FILE` (a JSON list), else a `classes.json`
-beside the shards, else the label numbers.
+and its braces by wildcards (train-{0000..1023}.tar -> test-*.tar), where there are any. A sample's
+image is its first member with an image extension and its label the integer in its `.cls` member;
+class names come from `--class-names FILE` (a JSON list), else a `classes.json` beside the shards,
+else the label numbers.
 
-The shards are indexed once (the offset and size of every member, read from the tar headers), so they
-are read like any other data set: by row, in DataLoader workers, each rank its own rows, and a run
-killed midway resumes from its last shard of features. Members are read with os.pread (no shared
-file offset after the fork into workers).
+The shards are indexed once (the offset and size of every member, read from the tar headers, and kept
+in probe's memo while the shards are unchanged), so they are read like any other data set: by row, in
+DataLoader workers, each rank its own rows, and a run killed midway resumes from its last shard of
+features. Members are read with os.pread (no shared file offset after the fork into workers).
 """
 
 from __future__ import annotations
 
 import glob
+import io
 import json
 import os
 import re
 import tarfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from probe import memo
 from probe.datasets.base import ImageDataset, Split, decode_image, files_fingerprint
 from probe.errors import ProbeError
 
@@ -79,7 +83,37 @@ class TarImages:
 
 
 def index_shards(shards: list[str]) -> tuple[TarImages, np.ndarray]:
-    """One pass over the shards' tar headers: each sample's image member and its .cls label."""
+    """Each sample's image member and its .cls label, from one pass over the shards' tar headers, or
+    from the memo of that pass while the shards are unchanged (probe/memo.py)."""
+    key, settled = memo.signature("wds_index", [(p, p) for p in shards])
+    known = _unpack_index(memo.get(key), len(shards))
+    if known is not None:
+        members, keys, labels = known
+        return TarImages(shards, members, keys), labels
+    images, labels = _read_index(shards)
+    if settled:
+        buffer = io.BytesIO()
+        np.savez(buffer, members=images.members, keys=np.asarray(images.keys, dtype=str), labels=labels)
+        memo.put(key, buffer.getvalue())
+    return images, labels
+
+
+def _unpack_index(data: bytes | None, n_shards: int):
+    """(members, keys, labels) of a memo written by index_shards, or None if it is absent or damaged."""
+    if data is None:
+        return None
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            members, keys, labels = z["members"], z["keys"].tolist(), z["labels"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
+    whole = (members.ndim == 2 and members.shape[1] == 3 and len(members) == len(keys) == len(labels) > 0
+             and members.dtype == np.int64 and labels.dtype == np.int64 and 0 <= members[:, 0].min()
+             and members[:, 0].max() < n_shards)
+    return (members, keys, labels) if whole else None
+
+
+def _read_index(shards: list[str]) -> tuple[TarImages, np.ndarray]:
     members, keys, labels = [], [], []
     for s, path in enumerate(shards):
         try:
