@@ -146,10 +146,14 @@ def pivot(runs: list[dict], failures: list[dict] = ()) -> dict:
     A later run of the same row and column replaces an earlier one (merging suites: the newest given wins).
     """
     cells, rows, columns = {}, [], []
+    # Columns by short name (folder:cifar10-jpeg), but two data sets of the same short name by their whole one.
+    names = {r.get("dataset", "?") for r in runs} | {f["dataset"] for f in failures}
+    shorts = [dataset_label(n) for n in names]
+    label = {n: dataset_label(n) if shorts.count(dataset_label(n)) == 1 else n for n in names}
 
     def place(model, weights, head, dataset):
         row = (f"{model} ({weights})" if weights not in (None, "default") else model, head)
-        column = dataset_label(dataset)
+        column = label[dataset]
         if row not in rows:
             rows.append(row)
         if column not in columns:

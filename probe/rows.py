@@ -10,6 +10,7 @@ from the file each pass.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -161,6 +162,8 @@ def parse_bytes(text: str | int | None) -> int | None:
         value = float(number) * units[s[len(number):]]
     except (ValueError, KeyError):
         raise ProbeError(f"--max-memory {text!r}: give bytes or a size such as 2GB or 512MB") from None
+    if not math.isfinite(value):
+        raise ProbeError(f"--max-memory {text!r}: give bytes or a size such as 2GB or 512MB")
     if value < 1 << 20:
         raise ProbeError(f"--max-memory {text}: give at least 1MB")
     return int(value)

@@ -10,6 +10,7 @@ suite.json with every pair's status.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -91,9 +92,11 @@ def _canonical(model: str) -> str:
 
 
 def _run_folder(dataset: str, model: str, weights: str, head: str, train_per_class, seed) -> str:
-    """A readable, unique folder name for a pair's fit (paths and model names made safe)."""
+    """A readable, unique folder name for a pair's fit: paths and model names made safe, and a hash of them
+    as given (folder:/a-b/F and folder:/a/b-F read alike)."""
     safe = lambda text: re.sub(r"[^A-Za-z0-9._+-]+", "-", text).strip("-")  # noqa: E731
-    name = f"{safe(dataset)}__{safe(model)}__{safe(weights)}__{head}"
+    exact = hashlib.sha256("\0".join((dataset, model, weights)).encode()).hexdigest()[:8]
+    name = f"{safe(dataset)}__{safe(model)}__{safe(weights)}__{head}__{exact}"
     return name + (f"__n{train_per_class}-seed{seed}" if train_per_class else "")
 
 

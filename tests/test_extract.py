@@ -169,6 +169,9 @@ def test_folder_problems_are_named(tmp_path, run_cli):
     (data / "test" / "cow").mkdir()
     assert_one_line_error(run_cli("extract", "--dataset", f"folder:{data}"), "classes that train lacks", "cow")
     (data / "test" / "cow").rmdir()
+    (data / "train" / "ant").mkdir()  # a class without training images would shift the labels after it
+    assert_one_line_error(run_cli("extract", "--dataset", f"folder:{data}"), "train/ant has no images")
+    (data / "train" / "ant").rmdir()
     (data / "train" / "cat" / "broken.jpg").write_bytes(b"not a jpeg")
     result = run_cli("extract", "--weights", "none", "--model", "resnet18", "--dataset", f"folder:{data}")
     assert_one_line_error(result, "cannot read image", "broken.jpg")

@@ -121,6 +121,8 @@ def test_max_memory_values(run_cli, sample_cache):
     assert parse_bytes("2GB") == 2 << 30 and parse_bytes("512MiB") == 512 << 20 and parse_bytes("1.5g") == 3 << 29
     assert_one_line_error(run_cli("fit", "--features", sample_cache, "--max-memory", "lots"), "--max-memory", "2GB")
     assert_one_line_error(run_cli("fit", "--features", sample_cache, "--max-memory", "10kB"), "at least 1MB")
+    for value in ("inf", "nan", "1e400"):
+        assert_one_line_error(run_cli("fit", "--features", sample_cache, "--max-memory", value), "--max-memory", "2GB")
     assert_one_line_error(run_cli("fit", "--features", sample_cache, "--max-memory", "100MB"),
                           "this process holds", "before reading any features")
 

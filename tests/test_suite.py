@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -66,18 +67,39 @@ def test_a_killed_suite_resumes_without_redoing_finished_pairs(tmp_path):
                "--datasets", "sample", *COMMON]
     env = {**os.environ, "PROBE_SHARD_SECONDS": "0"}
     proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first = tmp_path / "runs" / "suite" / "sample__resnet18__none__logreg" / "metrics.json"
+    def first_fit():
+        return next((tmp_path / "runs" / "suite").glob("sample__resnet18__none__logreg__*/metrics.json"), None)
+
     deadline = time.time() + 300
-    while not first.exists() and proc.poll() is None and time.time() < deadline:
+    while first_fit() is None and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)  # mid-way through the second pair's extraction
     proc.wait()
-    assert first.exists() and not (tmp_path / "runs" / "suite" / "suite.json").exists()
+    first = first_fit()
+    assert first is not None and not (tmp_path / "runs" / "suite" / "suite.json").exists()
     done = first.stat().st_mtime_ns
     subprocess.run(command, cwd=tmp_path, env=env, check=True, capture_output=True)
     summary = json.loads((tmp_path / "runs" / "suite" / "suite.json").read_text())
     assert [p["status"] for p in summary["pairs"]] == ["reused", "done"]
     assert first.stat().st_mtime_ns == done
+
+
+def test_two_folders_of_one_name_are_two_columns_and_two_runs(tmp_path, run_cli):
+    from probe.datasets import SAMPLE_DIR
+
+    for parent, n in (("x", 4), ("y", 6)):  # folder:.../x/data and folder:.../y/data, different images
+        for split in ("train", "test"):
+            for cls in ("cat", "dog"):
+                (tmp_path / parent / "data" / split / cls).mkdir(parents=True)
+                for f in sorted((SAMPLE_DIR / split / cls).glob("*.jpg"))[:n]:
+                    shutil.copy(f, tmp_path / parent / "data" / split / cls)
+    datasets = f"folder:{tmp_path / 'x' / 'data'},folder:{tmp_path / 'y' / 'data'}"
+    assert run_cli("suite", "--models", "resnet18", "--datasets", datasets, *COMMON).exit_code == 0
+    summary = json.loads(Path("runs/suite/suite.json").read_text())
+    assert len({p["run"] for p in summary["pairs"]}) == 2
+    with open("runs/suite/suite.csv") as f:
+        [row] = list(csv.DictReader(f))
+    assert {f"folder:{tmp_path / d / 'data'}" for d in "xy"} <= set(row) and row["datasets_in_mean"] == "2"
 
 
 def test_compare_pivot_merges_earlier_suites_into_one_table(tmp_path, run_cli):

@@ -4,6 +4,7 @@ equal the folder's they came from, bit for bit, in one process and under torchru
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -110,3 +111,46 @@ def test_bad_shards_are_one_line(shards, tmp_path, run_cli):
     assert_one_line_error(run_cli("extract", "--dataset", f"wds:{unlabelled}", "--weights", "none"), "no .cls label")
     assert_one_line_error(run_cli("extract", "--dataset", "sample", "--test-shards", "x.tar", "--weights", "none"),
                           "--test-shards is for --dataset wds:")
+
+
+def one_sample_shard(path: Path, cls: bytes) -> Path:
+    with tarfile.open(path, "w") as tar:
+        for name, data in (("a.jpg", next((SAMPLE_DIR / "train" / "cat").glob("*.jpg")).read_bytes()), ("a.cls", cls)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+@pytest.mark.parametrize("cls, words", [(b"\xff\xfe", "not a class number"), (b"cat", "not a class number"),
+                                        (b"99999999999999999999999", "class numbers run from 0"),
+                                        (b"300000000", "class numbers run from 0"), (b"-1", "class numbers run from 0")])
+def test_a_bad_label_is_one_line(tmp_path, run_cli, cls, words):
+    shard = one_sample_shard(tmp_path / "s-train-0.tar", cls)
+    assert_one_line_error(run_cli("extract", "--dataset", f"wds:{shard}", "--weights", "none"), words)
+
+
+def test_bad_patterns_and_shards_cut_short_are_one_line(shards, tmp_path, run_cli):
+    extract_ = ("extract", "--weights", "none", "--model", "resnet18", "--dataset")
+    for pattern in ("train-{a..c}.tar", "train-{00..}.tar", "train-{00..99999999}.tar"):
+        assert_one_line_error(run_cli(*extract_, f"wds:{shards}/sample-{pattern}"), "is not a range of shard numbers")
+    assert_one_line_error(run_cli(*extract_, f"wds:{shards}/sample-train-{{0000..0001}}{{,}}.tar"), "twice")
+    assert_one_line_error(run_cli(*extract_, f"wds:{shards}/sample-train-0000.tar", "--test-shards",
+                                  f"{shards}/nothing-*.tar"), "--test-shards", "no shard matches")
+    whole = (shards / "sample-train-0000.tar").read_bytes()
+    with tarfile.open(shards / "sample-train-0000.tar") as tar:
+        header = tar.getmembers()[20].offset  # where a sample's header starts, after whole members
+    for cut in (header, header + 100):  # at a header and inside one: tarfile itself ends its listing quietly
+        short = tmp_path / f"cut{cut}-train-0000.tar"
+        short.write_bytes(whole[:cut])
+        assert_one_line_error(run_cli(*extract_, f"wds:{short}"), "cut short")
+    assert not list(Path("cache").glob("*.h5"))
+
+
+def test_other_class_names_give_another_cache(shards, tmp_path):
+    base = dict(dataset=f"wds:{shards}/sample-train-0000.tar", **MODEL, cache_dir=str(tmp_path / "cache"), progress=False)
+    first = extract(**base).path
+    names = tmp_path / "names.json"
+    names.write_text(json.dumps([f"c{i}" for i in range(10)]))
+    second = extract(**base, data_options={"class_names": str(names)}).path
+    assert second != first and open_cache(second).classes[0] == "c0"

@@ -30,6 +30,9 @@ def load_folder(path: Path, name: str) -> ImageDataset:
         for label, cls in enumerate(classes):
             folder = path / split / cls
             files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS) if folder.is_dir() else []
+            if split == "train" and not files:  # a class no head can learn, and one that shifts every label after it
+                raise ProbeError(f"{folder} has no images (extensions: {' '.join(IMAGE_EXTENSIONS)}); add some or "
+                                 "remove the folder")
             paths += files
             labels += [label] * len(files)
         if not paths:

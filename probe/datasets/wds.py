@@ -17,12 +17,14 @@ features. Members are read with os.pread (no shared file offset after the fork i
 from __future__ import annotations
 
 import glob
+import hashlib
 import io
 import json
 import os
 import re
 import tarfile
 import zipfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +33,8 @@ from probe import memo
 from probe.datasets.base import ImageDataset, Split, decode_image, files_fingerprint
 from probe.errors import ProbeError
 
+MAX_SHARDS = 1_000_000  # a brace range wider than this is a typo, not a data set
+MAX_CLASSES = 1 << 20  # a class number past this is a damaged label (ImageNet-21k has 21,841 classes)
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff")
 
 
@@ -41,6 +45,9 @@ def expand(pattern: str) -> list[str]:
         inner = m[1]
         if ".." in inner:
             lo, hi = inner.split("..", 1)
+            if not (lo.isdigit() and hi.isdigit()) or int(hi) - int(lo) >= MAX_SHARDS:
+                raise ProbeError(f"{pattern}: {{{inner}}} is not a range of shard numbers (such as {{0000..1023}}, "
+                                 f"at most {MAX_SHARDS:,} shards)")
             width = len(lo) if lo.startswith("0") else 0
             items = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
         else:
@@ -137,18 +144,37 @@ def _read_index(shards: list[str]) -> tuple[TarImages, np.ndarray]:
                         continue  # a sample without an image (metadata only): not an image sample
                     if "cls" not in sample:
                         raise ProbeError(f"sample {key} in {path} has no .cls label member")
-                    text = tar.extractfile(sample["cls"]).read().decode().strip()
-                    try:
-                        labels.append(int(text))
-                    except ValueError:
-                        raise ProbeError(f"sample {key} in {path}: its .cls is {text!r}, not a class number") from None
+                    labels.append(_label(tar.extractfile(sample["cls"]).read(), key, path))
                     members.append((s, image.offset_data, image.size))
                     keys.append(key)
+                _check_end(tar, path)
         except (OSError, tarfile.TarError) as e:
             raise ProbeError(f"cannot read shard {path} ({type(e).__name__}: {e}); is it a tar file?") from None
     if not members:
         raise ProbeError(f"no image samples in {len(shards)} shard(s) ({shards[0]}, ...)")
     return TarImages(shards, np.asarray(members, dtype=np.int64), keys), np.asarray(labels, dtype=np.int64)
+
+
+def _label(data: bytes, key: str, path: str) -> int:
+    text = data.decode(errors="replace").strip()
+    try:
+        label = int(text)
+    except ValueError:
+        raise ProbeError(f"sample {key} in {path}: its .cls is {text[:40]!r}, not a class number") from None
+    if not 0 <= label < MAX_CLASSES:
+        raise ProbeError(f"sample {key} in {path}: its .cls is {label}; class numbers run from 0 to at most "
+                         f"{MAX_CLASSES - 1:,}")
+    return label
+
+
+def _check_end(tar: tarfile.TarFile, path: str) -> None:
+    """Python's tarfile ends its listing quietly at a header cut short or damaged after the first member;
+    a whole tar ends in a block of zeros there, so anything else is a shard cut short, said in one line."""
+    tar.fileobj.seek(tar.offset)
+    block = tar.fileobj.read(tarfile.BLOCKSIZE)
+    if len(block) < tarfile.BLOCKSIZE or block.count(0) != tarfile.BLOCKSIZE:
+        raise ProbeError(f"shard {path} is cut short or damaged at byte {tar.offset:,} (no end-of-archive block "
+                         f"there); copy it again")
 
 
 def load(spec: str, data_dir: Path, download: bool, options: dict) -> ImageDataset:
@@ -164,10 +190,16 @@ def load(spec: str, data_dir: Path, download: bool, options: dict) -> ImageDatas
             if expand(candidate):
                 test_pattern = candidate
                 break
+    test = expand(test_pattern) if test_pattern else []
+    if test_pattern and not test:
+        raise ProbeError(f"--test-shards {test_pattern}: no shard matches it")
     splits, places = {}, []
-    for name, shards in (("train", train), ("test", expand(test_pattern) if test_pattern else [])):
+    for name, shards in (("train", train), ("test", test)):
         if not shards:
             continue
+        if len(set(shards)) < len(shards):
+            twice = next(p for p, n in Counter(shards).items() if n > 1)
+            raise ProbeError(f"the {name} pattern names shard {twice} twice")
         if any(not os.path.isfile(p) for p in shards):
             raise ProbeError(f"--test-shards {test_pattern}: no shard {next(p for p in shards if not os.path.isfile(p))}")
         images, labels = index_shards(shards)
@@ -180,7 +212,9 @@ def load(spec: str, data_dir: Path, download: bool, options: dict) -> ImageDatas
                              f"{len(classes)} class names")
     protocol = f"the shards of {test_pattern}" if "test" in splits else "held out of train by probe fit"
     canonical = f"wds:{os.path.abspath(os.path.expanduser(spec))}"
-    return ImageDataset(canonical, classes, splits, files_fingerprint(places), protocol)
+    # The class names are the data set's too: new names give another cache (the shards say only numbers).
+    fingerprint = hashlib.sha256((files_fingerprint(places) + json.dumps(classes)).encode()).hexdigest()[:16]
+    return ImageDataset(canonical, classes, splits, fingerprint, protocol)
 
 
 def _class_names(path: str | None, first_shard: str, n: int) -> list[str]:
