@@ -13,7 +13,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from conftest import SAMPLE_RES, assert_one_line_error, copy_sample, write_image
+from conftest import assert_one_line_error, copy_sample, write_image
 from probe.cache import open_cache
 from probe.preprocess import Preprocess
 from probe.datasets import SAMPLE_DIR, load_dataset
@@ -155,7 +155,7 @@ def test_a_killed_finetune_resumes_exactly_as_a_straight_run(tmp_path, model):
     args = ["-q", "finetune", "--strategy", "full", "--model", model, "--weights", "none", "--resolution", "32",
             "--dataset", f"folder:{data}", "--epochs", "3", "--batch-size", "4", "--device", "cpu", "--json", "--out"]
     checkpoint = tmp_path / "run" / "checkpoint.pt"
-    proc = _probe(*args, tmp_path / "run")
+    proc, straight = _probe(*args, tmp_path / "run"), _probe(*args, tmp_path / "straight")  # one killed, one not
     deadline = time.time() + 240
     while not checkpoint.exists() and proc.poll() is None:
         assert time.time() < deadline
@@ -163,11 +163,13 @@ def test_a_killed_finetune_resumes_exactly_as_a_straight_run(tmp_path, model):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert len(torch.load(checkpoint, weights_only=True)["history"]) < 3
-    resumed, straight = _probe(*args, tmp_path / "run", "--resume"), _probe(*args, tmp_path / "straight")
+    assert not (tmp_path / "run" / "metrics.json").exists()  # a killed run has no result yet
+    resumed = _probe(*args, tmp_path / "run", "--resume")
     (out_r, err_r), (out_s, err_s) = resumed.communicate(timeout=300), straight.communicate(timeout=300)
     assert resumed.returncode == 0 == straight.returncode, (err_r, err_s)
-    losses = [[h["train_loss"] for h in json.loads(out)["history"]] for out in (out_r, out_s)]
-    assert losses[0] == losses[1]
+    histories = [json.loads(out)["history"] for out in (out_r, out_s)]
+    assert [h["epoch"] for h in histories[0]] == [1, 2, 3]  # the epochs before the kill, then the rest
+    assert [h["train_loss"] for h in histories[0]] == [h["train_loss"] for h in histories[1]]
 
 
 def test_metrics_are_strict_json_when_a_class_has_no_test_images(run_cli, tmp_path):

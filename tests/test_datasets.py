@@ -14,12 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torchvision.datasets as tvd
-from PIL import Image
 
 from conftest import assert_one_line_error
 from layouts import WRITERS, sample_images
 from probe.cache import open_cache
-from probe.datasets import NAMED, SAMPLE_DIR, load_dataset
+from probe.datasets import NAMED, load_dataset
 from probe.errors import ProbeError
 
 

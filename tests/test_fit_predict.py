@@ -1,7 +1,6 @@
 """probe fit and probe predict through the real CLI, on real caches."""
 
 import json
-import shutil
 from pathlib import Path
 
 import joblib

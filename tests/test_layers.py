@@ -14,11 +14,9 @@ import pytest
 import torch
 
 from conftest import assert_one_line_error
-from probe.backbones import create_backbone, layer_names
 from probe.cache import open_cache
 from probe.datasets import SAMPLE_DIR
 from probe.extract import Embedder, extract
-from probe.preprocess import Preprocess
 
 
 def _x(size: int) -> torch.Tensor:

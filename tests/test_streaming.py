@@ -17,7 +17,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import joblib
 import numpy as np
 import pytest
 from sklearn.preprocessing import StandardScaler

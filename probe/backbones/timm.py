@@ -58,7 +58,6 @@ def resolve(name: str) -> ModelSpec:
 
 
 def _build(name: str, native: int, weights: str, pre: Preprocess, pool: str) -> nn.Module:
-    import timm
 
     try:
         model = _create(name, weights == "default", pre.size != native, pre.size)

@@ -7,7 +7,7 @@ from functools import partial
 
 from torch import nn
 
-from probe.backbones import (IMAGENET_MEAN, IMAGENET_STD, ModelSpec, Preprocess, load_state_dict_file, load_strict)
+from probe.backbones import (ModelSpec, Preprocess, load_state_dict_file, load_strict)
 from probe.errors import ProbeError
 
 # name: (builder, weights enum, feature width, classifier removed, last stage for `partial`)

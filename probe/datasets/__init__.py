@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 
 from probe.datasets import cifar, folder, torchvision
-from probe.datasets.base import (IMAGE_EXTENSIONS, OFFICIAL_TEST, ImageDataset, ImageFiles, Split, decode_image,
+from probe.datasets.base import (IMAGE_EXTENSIONS, ImageDataset, ImageFiles, Split, decode_image,
                                  read_image)
 from probe.datasets.folder import SAMPLE_DIR
 from probe.errors import ProbeError
