@@ -287,6 +287,9 @@ class FeatureCache:
         if not self.layers:
             raise ProbeError(f"{self.path.name} holds no layers; extract them with probe extract --layers all ...")
         if layer == "last4":
+            if len(self.layers) < 4:
+                raise ProbeError(f"{self.path.name} holds {len(self.layers)} layer(s) ({', '.join(self.layers)}); last4 "
+                                 "needs the last four blocks: probe extract --layers last4 (or all)")
             return self.layers[-4:]
         if layer not in self.layers:
             raise ProbeError(f"{self.path.name} holds no layer {layer!r}: choose last4 or one of {', '.join(self.layers)}")

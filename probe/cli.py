@@ -74,7 +74,9 @@ def _errors_to_exit_codes(fn):
             click.echo(f"error: {error}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
-            click.echo("interrupted: finished work is kept; run the same command again to resume", err=True)
+            again = ("run the same command with --resume to continue" if click.get_current_context().info_name == "finetune"
+                     else "run the same command again to resume")
+            click.echo(f"interrupted: finished work is kept; {again}", err=True)
             sys.exit(130)
         finally:
             distributed.close()

@@ -58,6 +58,21 @@ def atomic_write(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], obj
     return path
 
 
+def remove_stale_temporaries(folder: str | os.PathLike) -> None:
+    """Remove atomic_write's temporary files in `folder` whose writer is no longer running (one killed
+    midway): `.NAME.PID.tmp` with no process PID on this machine."""
+    for tmp in Path(folder).glob(".*.tmp"):
+        pid = tmp.name.rsplit(".", 2)[-2]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            _remove(tmp)
+        except OSError:  # running, under another user
+            pass
+
+
 def _remove(path: Path) -> None:
     """Remove a temporary file if it is there; on a read-only disk it never was."""
     try:

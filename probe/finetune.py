@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import io
+import logging
 import os
 import re
 import time
@@ -28,10 +29,12 @@ from probe.datasets import Split, load_dataset
 from probe.preprocess import Preprocess, resize_center_crop
 from probe.errors import ProbeError
 from probe.device import resolve_device
-from probe.files import atomic_write, make_dir
+from probe.files import atomic_write, make_dir, remove_stale_temporaries
 from probe.fit import (TEST_FRACTION, FitResult, balanced_rows, class_indices, holdout_description, holdout_rows,
                        load_head, save_run)
 from probe.train import train_epochs
+
+log = logging.getLogger("probe")
 
 STRATEGIES = ("linear", "partial", "full", "lp-ft")
 OPTIMIZERS = ("adamw", "sgd")
@@ -170,6 +173,14 @@ def finetune(*, strategy: str = "partial", model: str = "resnet18", dataset: str
         raise ProbeError(f"--seed must be 0 or more and curve_test positive, not {seed} and {curve_test}")
     if epochs < 1 or batch_size < 1:
         raise ProbeError(f"epochs and batch size must be positive, not {epochs} and {batch_size}")
+    for value, what in ((lr, "--lr"), (head_lr, "--head-lr")):
+        if not (np.isfinite(value) and value > 0):
+            raise ProbeError(f"{what} must be a positive finite number, not {value}")
+    if not (np.isfinite(weight_decay) and weight_decay >= 0):
+        raise ProbeError(f"--weight-decay must be 0 or more, not {weight_decay}")
+    if unfreeze and strategy != "partial":
+        raise ProbeError(f"--unfreeze adds layers to --strategy partial; {strategy} trains "
+                         f"{'every layer' if strategy == 'full' else 'the head alone'}")
     spec = resolve(model)
     pre = spec.preprocess.at(resolution)
     dev = resolve_device(device)
@@ -192,6 +203,11 @@ def finetune(*, strategy: str = "partial", model: str = "resnet18", dataset: str
     torch.manual_seed(seed)
     net = Classifier(model, weights, pre, len(data.classes))
     last_stage = spec.last_stage or getattr(net.backbone, "last_stage", None) or partial_prefixes(net.backbone)
+    names = [name for name, _ in net.backbone.named_parameters()]
+    unmatched = [pre for pre in unfreeze if not any(name.startswith(pre) for name in names)]
+    if unmatched:
+        raise ProbeError(f"--unfreeze {','.join(unmatched)}: no parameter of {model} starts so (its blocks: "
+                         f"probe layers --model {model})")
     if init_head:
         _init_from_head(net.fc, init_head, data.classes)
     net = net.to(dev).to(memory_format=torch.channels_last)
@@ -223,7 +239,11 @@ def finetune(*, strategy: str = "partial", model: str = "resnet18", dataset: str
         return correct / len(split)
 
     checkpoint = out_dir / "checkpoint.pt"
+    if out_dir.is_dir():
+        remove_stale_temporaries(out_dir)  # a checkpoint half-written by a killed run
     state = _load_checkpoint(checkpoint, config) if resume else None
+    if resume and state is None:
+        log.info(f"no checkpoint in {out_dir}: starting from the first epoch")
     history = state["history"] if state else []
     stages = [("lp", "linear", lp_epochs), ("ft", "full", epochs)] if strategy == "lp-ft" else [("", strategy, epochs)]
     for stage, stage_strategy, stage_end in stages:

@@ -55,10 +55,11 @@ def find_cache(*, features: str | None = None, model: str | None = None, dataset
     _, key, path = resolve_cache(model=model, dataset=dataset, weights=weights, resolution=resolution, dtype=dtype,
                                  data_dir=data_dir, cache_dir=cache_dir, download=False, pool=pool,
                                  data_options=data_options)
-    if layer is not None:  # the same key plus a set of layers that holds this one
-        for candidate in sorted(Path(cache_dir).glob(f"{path.stem.rsplit('__', 1)[0]}__L*.h5")):
+    if layer is not None:  # the same key plus a set of layers that holds this one (for last4: the most layers)
+        # A cache of these options that cannot be read is named as such, not passed over as missing.
+        caches = [open_cache(c) for c in sorted(Path(cache_dir).glob(f"{path.stem.rsplit('__', 1)[0]}__L*.h5"))]
+        for cache in sorted(caches, key=lambda c: -len(c.layers)) if layer == "last4" else caches:
             try:
-                cache = open_cache(candidate)
                 other = {k: v for k, v in cache.key.items() if k != "layers"}
                 if other == json.loads(json.dumps(key)) and cache.layer_group(layer):
                     return cache
@@ -242,10 +243,13 @@ def fit(*, head: str = "logreg", features: str | None = None, model: str | None 
                        data_options=data_options)
     p = plan(cache, classes=classes, train_per_class=train_per_class, seed=seed, test_fraction=test_fraction)
     names, yt, test_split = p.names, p.yt, p.test_split
-    n_images, n_views = len(p.y), cache.views if views is None else views
+    # All stored views by default; a layer has none (views hold the final feature only).
+    n_images, n_views = len(p.y), (0 if layer is not None else cache.views) if views is None else views
     if layer is not None and n_views:
-        raise ProbeError("augmented views hold the final feature only: give --views 0 with --layer")
-    if not 0 <= n_views <= cache.views:
+        raise ProbeError("augmented views hold the final feature only: drop --views (or give 0) with --layer")
+    if n_views < 0:
+        raise ProbeError(f"--views must be 0 or more, not {n_views}")
+    if n_views > cache.views:
         raise ProbeError(f"--views {n_views}, but {cache.path.name} holds {cache.views} view(s) of each training image")
     # The augmented views of the same training images are more rows, each image a group of n_views + 1.
     train, test = stores(cache, p, layer, n_views, budget)

@@ -153,6 +153,24 @@ def test_finetune_input_errors(run_cli, tiny):
     assert_one_line_error(run_cli(*base, "--optimizer", "lion"), "unknown optimizer")
     assert_one_line_error(run_cli(*base, "--epochs", "0"), "must be positive")
     assert_one_line_error(run_cli(*base, "--train-per-class", "9"), "only 4")
+    assert_one_line_error(run_cli(*base, "--weight-decay", "-1"), "--weight-decay must be 0 or more")
+    assert_one_line_error(run_cli(*base, "--lr", "-1"), "--lr must be a positive")
+    assert_one_line_error(run_cli(*base, "--head-lr", "0"), "--head-lr must be a positive")
+    assert_one_line_error(run_cli(*base, "--strategy", "linear", "--unfreeze", "layer3"), "--unfreeze", "partial")
+    assert_one_line_error(run_cli(*base, "--resolution", "32", "--strategy", "partial", "--unfreeze", "layer9"),
+                          "--unfreeze layer9", "no parameter")
+
+
+def test_a_temporary_file_of_a_killed_run_is_removed(tiny, tmp_path):
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a process that has ended: its pid names no running writer
+    (tmp_path / "full").mkdir()
+    stale = tmp_path / "full" / f".checkpoint.pt.{dead.pid}.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    _run(tiny, tmp_path, "full")
+    assert not stale.exists() and (tmp_path / "full" / "metrics.json").exists()
 
 
 def test_a_resume_of_a_finished_run_reports_the_trained_model_with_a_curve_subset(tiny, tmp_path):

@@ -178,4 +178,10 @@ def test_bad_layer_input_is_one_line(run_cli):
                    "--resolution", "32").exit_code == 0
     cache = next(Path("cache").glob("*.h5"))
     assert_one_line_error(run_cli("fit", "--features", cache, "--layer", "layer2"), "holds no layers", "--layers")
+    small = ["--model", "resnet18", "--weights", "none", "--dataset", "sample", "--resolution", "32"]
+    assert run_cli("extract", *small, "--layers", "layer2").exit_code == 0
+    assert_one_line_error(run_cli("fit", *small, "--layer", "last4"), "holds layer 'last4'", "--layers all")
+    assert run_cli("extract", *small, "--layers", "all").exit_code == 0
+    fit = run_cli("fit", *small, "--layer", "last4", "--C", "1", "--json")  # the cache of all layers, not layer2's
+    assert fit.exit_code == 0 and json.loads(fit.output[:fit.output.rindex("}") + 1])["feature_dim"] == 64 + 128 + 256 + 512
     assert_one_line_error(run_cli("depth", cache), "holds no layers")

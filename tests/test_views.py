@@ -31,8 +31,18 @@ def test_views_extract_fit_and_predict_end_to_end(run_cli, tmp_path):
     m = json.loads(run_cli("fit", "--features", viewed, "--views", "0", "--json", "--out", "none").stdout)
     assert m["views"] == 0 and m["n_train_rows"] == 1000
     assert_one_line_error(run_cli("fit", "--features", viewed, "--views", "3"), "--views 3", "holds 2")
+    assert_one_line_error(run_cli("fit", "--features", viewed, "--views", "-1"), "--views must be 0 or more")
     assert run_cli("predict", "--head", "all", SAMPLE_DIR / "test" / "cat" / "0000.jpg").exit_code == 0
     assert_one_line_error(run_cli("extract", *TINY, "--views", "2", "--augment", "none"), "--augment")
+
+
+def test_a_cache_of_views_and_layers_fits_its_layers_without_naming_views(run_cli, tmp_path):
+    assert run_cli("extract", *TINY, "--views", "1", "--layers", "layer4").exit_code == 0
+    [cache] = (tmp_path / "cache").glob("*.h5")
+    m = json.loads(run_cli("fit", "--features", cache, "--layer", "layer4", "--C", "1", "--json", "--out", "l4").stdout)
+    assert m["views"] == 0 and m["layer"] == "layer4" and m["n_train_rows"] == 1000
+    assert_one_line_error(run_cli("fit", "--features", cache, "--layer", "layer4", "--views", "1"), "final feature only")
+    assert run_cli("depth", cache, "--train-per-class", "20").exit_code == 0
 
 
 def test_a_view_is_the_same_whatever_the_batch_size_so_a_resume_repeats_it(tmp_path):
