@@ -147,8 +147,8 @@ def test_finetune_trains_on_the_frame_that_evaluation_shows(tmp_path):
         assert views[:, 0].max() < 1, kind  # no red anywhere (the crop's zero padding is black)
 
 
-@pytest.mark.parametrize("model", ["resnet18", "efficientnet_b0"])  # b0 has stochastic depth
-def test_a_killed_finetune_resumes_exactly_as_a_straight_run(tmp_path, model):
+def test_a_killed_finetune_resumes_exactly_as_a_straight_run(tmp_path):
+    model = "efficientnet_b0"  # BatchNorm and stochastic depth: both must resume where they were
     from test_reliability import _probe
 
     data = copy_sample(tmp_path / "d", per_class=4, test_per_class=2, classes=["cat", "dog"])

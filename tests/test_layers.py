@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_one_line_error
+from conftest import assert_one_line_error, copy_sample
 from probe.cache import open_cache
 from probe.datasets import SAMPLE_DIR
 from probe.extract import Embedder, extract
@@ -178,7 +178,8 @@ def test_bad_layer_input_is_one_line(run_cli):
                    "--resolution", "32").exit_code == 0
     cache = next(Path("cache").glob("*.h5"))
     assert_one_line_error(run_cli("fit", "--features", cache, "--layer", "layer2"), "holds no layers", "--layers")
-    small = ["--model", "resnet18", "--weights", "none", "--dataset", "sample", "--resolution", "32"]
+    data = copy_sample(Path("d"), per_class=6, test_per_class=3, classes=["cat", "dog"])
+    small = ["--model", "resnet18", "--weights", "none", "--dataset", f"folder:{data}", "--resolution", "32"]
     assert run_cli("extract", *small, "--layers", "layer2").exit_code == 0
     assert_one_line_error(run_cli("fit", *small, "--layer", "last4"), "holds layer 'last4'", "--layers all")
     assert run_cli("extract", *small, "--layers", "all").exit_code == 0

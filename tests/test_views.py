@@ -5,7 +5,7 @@ import json
 import h5py
 import numpy as np
 
-from conftest import assert_one_line_error
+from conftest import assert_one_line_error, copy_sample
 from probe.cache import open_cache
 from probe.datasets import SAMPLE_DIR
 from probe.extract import extract
@@ -37,12 +37,13 @@ def test_views_extract_fit_and_predict_end_to_end(run_cli, tmp_path):
 
 
 def test_a_cache_of_views_and_layers_fits_its_layers_without_naming_views(run_cli, tmp_path):
-    assert run_cli("extract", *TINY, "--views", "1", "--layers", "layer4").exit_code == 0
+    data = copy_sample(tmp_path / "d", per_class=6, test_per_class=3, classes=["cat", "dog"])
+    assert run_cli("extract", *TINY[:-1], f"folder:{data}", "--views", "1", "--layers", "layer4").exit_code == 0
     [cache] = (tmp_path / "cache").glob("*.h5")
     m = json.loads(run_cli("fit", "--features", cache, "--layer", "layer4", "--C", "1", "--json", "--out", "l4").stdout)
-    assert m["views"] == 0 and m["layer"] == "layer4" and m["n_train_rows"] == 1000
+    assert m["views"] == 0 and m["layer"] == "layer4" and m["n_train_rows"] == 12
     assert_one_line_error(run_cli("fit", "--features", cache, "--layer", "layer4", "--views", "1"), "final feature only")
-    assert run_cli("depth", cache, "--train-per-class", "20").exit_code == 0
+    assert run_cli("depth", cache).exit_code == 0
 
 
 def test_a_view_is_the_same_whatever_the_batch_size_so_a_resume_repeats_it(tmp_path):
