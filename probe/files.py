@@ -3,6 +3,7 @@ full or read-only disk is a one-line error, never a traceback or a crash in a li
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 from pathlib import Path
@@ -40,11 +41,13 @@ def atomic_write(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], obj
     then rename it to `path`.
 
     The free space is checked first against the bytes, or `size` for a function. A crash or an error
-    midway leaves `path` as it was and removes the temporary file. The temporary name carries the
+    midway leaves `path` as it was and removes the temporary file; the temporary file of a writer
+    killed midway is removed by the next write of `path`. The temporary name carries the
     process id, so concurrent writers never share one.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    _remove_stale_temporaries(path)  # what a writer killed midway left: its space counts in the check below
     check_space(path.parent, len(data) if isinstance(data, (bytes, memoryview)) else size, path.name)
     try:
         with open(tmp, "wb") as f:
@@ -58,11 +61,11 @@ def atomic_write(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], obj
     return path
 
 
-def remove_stale_temporaries(folder: str | os.PathLike) -> None:
-    """Remove atomic_write's temporary files in `folder` whose writer is no longer running (one killed
-    midway): `.NAME.PID.tmp` with no process PID on this machine."""
-    for tmp in Path(folder).glob(".*.tmp"):
-        pid = tmp.name.rsplit(".", 2)[-2]
+def _remove_stale_temporaries(path: Path) -> None:
+    """Remove the temporary files of earlier writers of `path` that are no longer running (killed midway):
+    `.NAME.PID.tmp` with no process PID on this machine."""
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2:-len(".tmp")]
         if not pid.isdigit():
             continue
         try:

@@ -29,7 +29,7 @@ from probe.datasets import Split, load_dataset
 from probe.preprocess import Preprocess, resize_center_crop
 from probe.errors import ProbeError
 from probe.device import resolve_device
-from probe.files import atomic_write, make_dir, remove_stale_temporaries
+from probe.files import atomic_write, make_dir
 from probe.fit import (TEST_FRACTION, FitResult, balanced_rows, class_indices, holdout_description, holdout_rows,
                        load_head, save_run)
 from probe.train import train_epochs
@@ -239,8 +239,6 @@ def finetune(*, strategy: str = "partial", model: str = "resnet18", dataset: str
         return correct / len(split)
 
     checkpoint = out_dir / "checkpoint.pt"
-    if out_dir.is_dir():
-        remove_stale_temporaries(out_dir)  # a checkpoint half-written by a killed run
     state = _load_checkpoint(checkpoint, config) if resume else None
     if resume and state is None:
         log.info(f"no checkpoint in {out_dir}: starting from the first epoch")
