@@ -47,8 +47,9 @@ def synthetic_cache(folder: Path, n_train: int, n_test: int, dim: int, classes: 
     the shards."""
     rng = np.random.default_rng(seed)
     means = rng.normal(size=(classes, dim)).astype(np.float32)
-    key = cache_key(dataset="synthetic", fingerprint=f"{n_train}x{dim}x{classes}-{seed}", model="synthetic",
-                    family="synthetic", weights="none", resolution=0, preprocessing={}, pool="", dtype="float16")
+    key = cache_key(dataset="synthetic", fingerprint=f"{n_train}x{dim}x{classes}-{seed}", protocol="synthetic",
+                    model="synthetic", family="synthetic", weights="none", resolution=0, preprocessing={}, pool="",
+                    dtype="float16")
     path = cache_path(folder, key)
     parts = PartialCache(path, key)
     parts.start(resume=False)

@@ -32,6 +32,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from probe import identity
 from probe.errors import ProbeError
 from probe.files import atomic_write, check_space, make_dir, publish
 
@@ -39,18 +40,21 @@ FORMAT = 1
 SPLITS = ("train", "test")
 
 
-def cache_key(*, dataset: str, fingerprint: str, model: str, family: str, weights: str, resolution: int,
-              preprocessing: dict, pool: str, dtype: str, views: int = 0, augment: str | None = None,
+def cache_key(*, dataset: str, fingerprint: str, protocol: str, model: str, family: str, weights: str,
+              resolution: int, preprocessing: dict, pool: str, dtype: str, precision: str = "fp32",
+              compiled: bool = False, views: int = 0, augment: dict | None = None,
               layers: list[str] | None = None) -> dict:
-    """Everything that changes the features; any change gives another file: the data, the model (family,
-    full name with its pretrained tag), the weights' identity, the resolved preprocessing, the pool.
-    Augmented views enter the key only when there are some."""
-    key = {"dataset": dataset, "fingerprint": fingerprint, "model": model, "family": family, "weights": weights,
-           "resolution": resolution, "preprocessing": preprocessing, "pool": pool, "dtype": dtype,
-           "probe_format": FORMAT}
+    """The identity of a feature cache (probe.identity): everything that changes the features. The data
+    (its content fingerprint and the split protocol), the model (family, full name with its pretrained
+    tag), the weights' identity, the resolved preprocessing, the pool, the arithmetic of the forward
+    pass (precision, torch.compile) and the storage dtype. Augmented views (with their recipe) and
+    layers enter only when there are some."""
+    key = {"dataset": dataset, "fingerprint": fingerprint, "protocol": protocol, "model": model, "family": family,
+           "weights": weights, "resolution": resolution, "preprocessing": preprocessing, "pool": pool, "dtype": dtype,
+           "precision": precision, "compile": compiled, "probe_format": FORMAT}
     if views:
         key.update(views=views, augment=augment)
-    if layers:  # only when there are some, so caches without layers keep their names
+    if layers:
         key["layers"] = list(layers)
     return key
 
@@ -69,8 +73,10 @@ def cache_path(cache_dir: str | os.PathLike, key: dict) -> Path:
     if rest and ("/" in rest and Path(rest.removeprefix("local-dir:")).is_absolute()):  # a saved folder
         model = f"{family}-{Path(rest.removeprefix('local-dir:')).name}"
     parts = [dataset, model, key["weights"], f"r{key['resolution']}", key["dtype"]]
+    parts += [key["precision"]] if key.get("precision", "fp32") != "fp32" else []
+    parts += ["compiled"] if key.get("compile") else []
     parts += [key["pool"]] if rest and key.get("pool") else []
-    parts += [f"{key['views']}x{key['augment']}"] if key.get("views") else []
+    parts += [f"{key['views']}x{key['augment']['kind']}"] if key.get("views") else []
     parts += [f"L{len(key['layers'])}"] if key.get("layers") else []
     parts.append(key_hash(key))
     return Path(cache_dir) / ("__".join(re.sub(r"[^A-Za-z0-9._-]+", "-", p) for p in parts) + ".h5")
@@ -159,11 +165,14 @@ class PartialCache:
                      size=features.nbytes + 128)  # .npy: the array and a header of at most 128 bytes
 
     def finish(self, *, classes: list[str], labels: dict[str, np.ndarray], feature_dim: int, versions: dict,
-               weights_path: str = "", layer_dims: dict[str, int] | None = None, protocol: str = "") -> Path:
+               weights_path: str = "", layer_dims: dict[str, int] | None = None,
+               all_layers: list[str] | None = None) -> Path:
         """Assemble the shards into the final HDF5 file (atomically) and remove them.
 
         weights_path: the absolute path of the weights file the features came from ("" for default or
         none), so a head fitted on the file can find it again; its content is in the key's weights hash.
+        all_layers: every block the model offers to --layers, in depth order (where the stored layers
+        stand in the network: `probe depth` places them by it).
         """
         tmp = self.final.with_name(self.final.name + ".tmp")
         # HDF5 cannot survive a write that fails for lack of space (it crashed in testing): check first.
@@ -172,7 +181,7 @@ class PartialCache:
         check_space(self.final.parent, shard_bytes + sum(8 * len(v) for v in labels.values()) + (1 << 20),
                     f"assembling {self.final.name} (the shards in {self.dir.name} are kept)")
         try:
-            self._assemble(tmp, classes, labels, feature_dim, versions, weights_path, layer_dims or {}, protocol)
+            self._assemble(tmp, classes, labels, feature_dim, versions, weights_path, layer_dims or {}, all_layers or [])
             publish(tmp, self.final)
         except OSError as e:
             raise ProbeError(f"cannot write {self.final}: {e.strerror or str(e).splitlines()[0]}; the shards in "
@@ -190,7 +199,7 @@ class PartialCache:
         """The shard series of the augmented training views, view0, view1, ..."""
         return [f"view{v}" for v in range(self.key.get("views", 0))]
 
-    def _assemble(self, tmp: Path, classes, labels, feature_dim, versions, weights_path, layer_dims, protocol) -> None:
+    def _assemble(self, tmp: Path, classes, labels, feature_dim, versions, weights_path, layer_dims, all_layers) -> None:
         """Copy the shards into the HDF5 file one at a time (memory-mapped), so assembling a cache takes
         the memory of a shard, not of the whole cache."""
         with h5py.File(tmp, "w") as f:
@@ -240,8 +249,9 @@ class PartialCache:
                 "preprocessing": json.dumps(key["preprocessing"]), "dataset": key["dataset"],
                 "fingerprint": key["fingerprint"], "dtype": key["dtype"], "feature_dim": feature_dim,
                 "classes": json.dumps(classes), "versions": json.dumps(versions), "weights_path": weights_path,
-                "views": key.get("views", 0), "augment": key.get("augment") or "",
-                "layers": json.dumps(list(layer_dims)), "layer_dims": json.dumps(layer_dims), "protocol": protocol,
+                "views": key.get("views", 0), "augment": (key.get("augment") or {}).get("kind", ""),
+                "layers": json.dumps(list(layer_dims)), "layer_dims": json.dumps(layer_dims),
+                "all_layers": json.dumps(list(all_layers)), "protocol": key["protocol"],
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             })
             f.attrs["complete"] = True  # last, after everything else is in the file
@@ -259,7 +269,13 @@ class FeatureCache:
 
     @property
     def key(self) -> dict:
+        """The cache's identity (probe.identity): everything its features depend on."""
         return json.loads(self.attrs["key"])
+
+    @property
+    def all_layers(self) -> list[str]:
+        """Every block the model offers to --layers, in depth order (caches of probe 0.3 did not record it)."""
+        return json.loads(self.attrs.get("all_layers", "[]"))
 
     @property
     def views(self) -> int:
@@ -326,8 +342,9 @@ class FeatureCache:
             raise ProbeError(f"cache {self.path} is corrupt ({e}); delete it and run probe extract again") from None
 
 
-def open_cache(path: str | os.PathLike) -> FeatureCache:
-    """Open a cache file and check that it is complete and self-consistent before trusting it."""
+def open_cache(path: str | os.PathLike, expect: dict | None = None) -> FeatureCache:
+    """Open a cache file and check that it is complete and self-consistent before trusting it; with
+    `expect` (a key), that it holds exactly those features: its stored key equal in every field."""
     path = Path(path)
     if not path.is_file():
         raise ProbeError(f"no cache file {path}")
@@ -362,7 +379,12 @@ def open_cache(path: str | os.PathLike) -> FeatureCache:
         raise
     except (OSError, KeyError, ValueError, TypeError) as e:
         raise ProbeError(f"cache {path} is unreadable or corrupt ({str(e).splitlines()[0]}); {fix}") from None
-    return FeatureCache(path, attrs, classes, dim, splits)
+    cache = FeatureCache(path, attrs, classes, dim, splits)
+    if expect is not None and not identity.same(cache.key, expect):
+        fields = identity.differences([cache.key, expect])
+        raise ProbeError(f"cache {path} holds other features than its name says (its key differs in "
+                         f"{', '.join(fields)}); {fix}")
+    return cache
 
 
 def list_caches(cache_dir: str | os.PathLike = "cache") -> list[dict]:
@@ -431,17 +453,28 @@ def verify_cache(path: str | os.PathLike) -> list[str]:
 
 
 def remove_cache(path: str | os.PathLike) -> list[Path]:
-    """Delete a cache file (or its unfinished shards) with its temporary file and lock; returns what was
-    removed. A leftover temporary or lock file named alone is removed alone, never the cache beside it.
+    """Delete a cache file that probe wrote (or its unfinished shards) with its temporary file and lock;
+    returns what was removed. A leftover temporary or lock file named alone is removed alone, never the
+    cache beside it; a lock another process holds, and an .h5 file that is not a probe cache, are refused.
     """
     path = Path(path)
     base = _base(path)
     if base.suffix != ".h5":
         raise ProbeError(f"{path} is not a cache file (*.h5, or its .parts, .tmp or .lock)")
-    if path.name.endswith((".h5.tmp", ".h5.lock")):
+    if path.name.endswith(".h5.lock"):
+        if path.exists() and _held(path):
+            raise ProbeError(f"{path} is held by a running probe extract; nothing removed")
+        targets = [path]
+    elif path.name.endswith(".h5.tmp"):
         targets = [path]
     else:
-        targets = [base, *(base.with_name(base.name + suffix) for suffix in (".parts", ".tmp", ".lock"))]
+        if base.is_file() and not _is_probe_cache(base):
+            raise ProbeError(f"{base} is not a probe cache (no probe_format attribute, and not named as probe names "
+                             "its caches); nothing removed")
+        parts = base.with_name(base.name + ".parts")
+        if parts.is_dir() and not (parts / "key.json").is_file():
+            raise ProbeError(f"{parts} is not probe's shard folder (no key.json); nothing removed")
+        targets = [base, parts, *(base.with_name(base.name + suffix) for suffix in (".tmp", ".lock"))]
     removed = []
     try:
         for p in targets:
@@ -456,3 +489,26 @@ def remove_cache(path: str | os.PathLike) -> list[Path]:
     if not removed:
         raise ProbeError(f"no cache file {path}")
     return removed
+
+
+def _is_probe_cache(path: Path) -> bool:
+    """Whether probe wrote this file: an HDF5 file with probe's format attribute, or, for one too damaged to
+    read, a name as probe gives its caches (ending in __<key hash>.h5)."""
+    if re.search(r"__[0-9a-f]{10}\.h5$", path.name):
+        return True
+    try:
+        with h5py.File(path, "r") as f:
+            return "probe_format" in f.attrs
+    except OSError:
+        return False
+
+
+def _held(lock_file: Path) -> bool:
+    """Whether another process holds this lock now."""
+    from filelock import FileLock, Timeout
+
+    try:
+        with FileLock(str(lock_file), timeout=0):
+            return False
+    except Timeout:
+        return True

@@ -96,6 +96,11 @@ def _cache_options(fn):
         click.option("--pool", help="Token models: cls, avg or cls+avg (timm also head, hf also pooler); "
                                     "open_clip: pooled or proj. [default: the family's own, see README]"),
         click.option("--dtype", help="Feature storage: float32 or float16. [default: float32]"),
+        click.option("--precision", help="The forward pass: fp32, or bf16 / fp16 autocast (on the CPU too, where it "
+                                         "is faster on CPUs with AVX-512 BF16 or AMX). [default: auto, fp16 on CUDA "
+                                         "and fp32 on the CPU]"),
+        click.option("--compile", is_flag=True, default=None, help="Run the backbone through torch.compile (the "
+                                                                   "first batches pay for the compilation)."),
         click.option("--data-dir", help="Where named data sets are (downloaded if missing). [default: data]"),
         click.option("--cache-dir", help="Feature cache folder. [default: cache]"),
         _data_source_options,
@@ -181,8 +186,9 @@ def datasets(data_dir):
 def extract(obj, **options):
     """Run a frozen backbone once over a data set's train and test splits and cache the features.
 
-    The cache file's name and attributes record the backbone, weights, preprocessing, resolution,
-    data set and its fingerprint; the same command again reuses it. An interrupted run resumes.
+    The cache file records its whole identity (data set fingerprint and split protocol, backbone,
+    weights, preprocessing, pool, precision, dtype, views, layers); the same command again reuses a
+    cache only if its recorded identity is equal in every field. An interrupted run resumes.
     """
     from probe.distributed import current
     from probe.extract import extract as run
@@ -203,26 +209,30 @@ def extract(obj, **options):
 @click.option("--head", help="logreg, linear, mlp or knn. [default: logreg]")
 @click.option("--features", help="A cache file to use instead of resolving one from the options below.")
 @_cache_options
-@click.option("--out", help="Run folder for head.joblib and metrics.json. [default: runs/<cache>__<head>]")
+@click.option("--out", help="Run folder for head.joblib and metrics.json. [default: runs/<cache>__<head>__<identity>]")
 @click.option("--classes", help="Comma-separated class names or indices to keep.")
 @click.option("--train-per-class", type=int, help="A balanced, seeded subset of N training images per class.")
 @click.option("--seed", type=int, help="Seed of the subset, the validation split and torch heads. [default: 0]")
 @click.option("--C", "C", type=float, help="logreg: this regularization strength instead of the sweep.")
 @click.option("--k", type=int, help="knn: neighbours. [default: 20]")
 @click.option("--epochs", type=int, help="linear/mlp: epochs. [default: 10]")
-@click.option("--views", type=int, help="Train on the first N augmented views the cache holds. [default: all of them]")
+@click.option("--views", type=int, help="Train on N augmented views of each image too: with --features, the first N "
+                                       "the cache holds [default: all]; else the cache extracted with --views N.")
+@click.option("--augment", help="With --views N and no --features: the views' augmentation the cache was "
+                                "extracted with. [default: rrc]")
 @click.option("--layer", help="Fit on this layer of a cache extracted with --layers (a name, or last4: the last "
                               "four concatenated). [default: the final feature]")
 @click.option("--class-weight", type=click.Choice(["balanced"]),
               help="logreg/linear/mlp: weight classes by n / (classes x count), scikit-learn's 'balanced'.")
 @click.option("--test-fraction", type=float,
               help="Data sets without a test split: the share of train held out as one (stratified, seeded). [default: 0.2]")
-@click.option("--max-memory", help="Memory the features may take (2GB, 512MB); a fit that needs more reads the "
-                                    "cache a chunk at a time. [default: no limit]")
+@click.option("--max-memory", help="A cap on the whole process's memory (2GB, 512MB), what probe and its libraries "
+                                    "hold included; a fit that would pass it reads the cache a chunk at a time. "
+                                    "[default: no limit]")
 @click.option("--device", help="auto, cpu or cuda. [default: auto]")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics JSON.")
 @_errors_to_exit_codes
-def fit(as_json, classes, **options):
+def fit(as_json, **options):
     """Fit a head on cached features, report test accuracy, save the head for `probe predict`.
 
     Under torchrun (torchrun --nproc-per-node N -m probe fit ...), logreg and knn split the rows over
@@ -230,7 +240,7 @@ def fit(as_json, classes, **options):
     from probe.distributed import current
     from probe.fit import fit as run
 
-    result = run(**_kwargs(**options, classes=classes.split(",") if classes else None))
+    result = run(**_kwargs(**options))
     if current().main:
         _print_metrics(result.out, result.metrics, as_json)
 
@@ -353,17 +363,20 @@ def cache_rm(paths):
 @click.option("--bn", help="frozen (BatchNorm statistics and affine parameters kept from pretraining) or train. "
                            "[default: frozen]")
 @click.option("--device", help="auto, cpu or cuda. [default: auto]")
-@click.option("--out", help="Run folder. [default: runs/finetune__<dataset>__<model>__<strategy>]")
+@click.option("--out", help="Run folder. [default: runs/finetune__<dataset>__<model>__<strategy>__<identity>]")
 @click.option("--resume", is_flag=True, default=None, help="Continue from the run folder's last checkpoint.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics JSON.")
 @click.pass_obj
 @_errors_to_exit_codes
-def finetune(obj, as_json, classes, unfreeze, **options):
-    """Fine-tune the backbone on the images (the comparison stage): frozen vs partial vs full vs lp-ft."""
+def finetune(obj, as_json, **options):
+    """Fine-tune the backbone on the images (the comparison stage): frozen vs partial vs full vs lp-ft.
+
+    The run folder records the fine-tune's whole identity (data fingerprint, model, weights, every
+    training option, the augmentation's recipe); --resume continues only a checkpoint of the same one.
+    """
     from probe.finetune import finetune as run
 
-    result = run(**_kwargs(**options, classes=classes.split(",") if classes else None,
-                           unfreeze=tuple(unfreeze) or None), progress=obj["progress"])
+    result = run(**_kwargs(**options), progress=obj["progress"])
     _print_metrics(result.out, result.metrics, as_json)
 
 
@@ -408,9 +421,12 @@ def depth(obj, caches, **options):
 @click.option("--out", help="Folder for compare.csv and compare.md (suite.* with --pivot). [default: runs/compare]")
 @click.option("--plot", help="Folder for accuracy.png and curves.png.")
 @click.option("--pivot", is_flag=True, help="The suite table instead: a row per model and head, a column per data "
-                                            "set, the mean, and a heatmap; RUNS may be whole suite folders, merged.")
+                                            "set, the mean, and a heatmap; RUNS may be whole suite folders. Runs "
+                                            "that differ in any option are separate rows, labelled by what differs.")
+@click.option("--merge", is_flag=True, help="--pivot: one row per model and head whatever else differs; each cell "
+                                            "shows its newest run and the table notes what was merged.")
 @_errors_to_exit_codes
-def compare(runs, out, plot, pivot):
+def compare(runs, out, plot, pivot, merge):
     """Merge the metrics of runs (fits and fine-tunes) into one table; --plot draws the charts."""
     from probe.compare import compare as run
     from probe.compare import compare_pivot
@@ -418,8 +434,10 @@ def compare(runs, out, plot, pivot):
     if pivot:
         if plot:
             raise ProbeError("--pivot draws its heatmap (suite.png) in --out; --plot is for the per-run charts")
-        _, text = compare_pivot(list(runs), **_kwargs(out=out))
+        _, text = compare_pivot(list(runs), **_kwargs(out=out), merge=merge)
     else:
+        if merge:
+            raise ProbeError("--merge is for --pivot tables")
         _, text = run(list(runs), **_kwargs(out=out, plot=plot))
     click.echo(text, nl=False)
 

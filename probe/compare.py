@@ -10,6 +10,7 @@ import json
 import os
 from pathlib import Path
 
+from probe import identity
 from probe.errors import ProbeError
 from probe.files import atomic_write, make_dir
 
@@ -139,36 +140,85 @@ def dataset_label(name: str) -> str:
     return name
 
 
-def pivot(runs: list[dict], failures: list[dict] = ()) -> dict:
+# The fields of a fit's identity that say which data set (and split) it was measured on: its column.
+DATA_FIELDS = ("cache.dataset", "cache.fingerprint", "cache.protocol")
+
+
+def _identity_parts(run: dict) -> tuple[dict, dict]:
+    """(column part, row part) of a run's identity, flattened; a run of probe 0.3 or older has none and
+    is a row of its own (its path)."""
+    spec = run.get("identity")
+    if not isinstance(spec, dict):
+        return {"dataset": run.get("dataset", "?")}, {"run without identity (probe 0.3 or older)": run["path"]}
+    flat = identity.flatten(spec)
+    return ({k: v for k, v in flat.items() if k in DATA_FIELDS},
+            {k: v for k, v in flat.items() if k not in DATA_FIELDS})
+
+
+def pivot(runs: list[dict], failures: list[dict] = (), merge: bool = False) -> dict:
     """The suite table: a row per model (with its weights, if not the default) and head, a column per data
     set, test accuracy in the cells ("failed" for a pair in `failures`), and each row's mean.
 
-    A later run of the same row and column replaces an earlier one (merging suites: the newest given wins).
+    Runs are told apart by their whole identity (probe.identity): two runs of one model and head that
+    differ in any other field (train-per-class, seed, layer, resolution, C, ...) are two rows, labelled
+    by the fields that differ; two data sets of one name that differ (another content fingerprint) two
+    columns. Runs of the very same identity are one cell: the newest by its recorded time is shown, and
+    a note says so. merge: one row per model and head and one column per data set name, whatever else
+    differs; the newest run of each cell is shown and the notes name the fields that were merged over.
     """
-    cells, rows, columns = {}, [], []
-    # Columns by short name (folder:cifar10-jpeg), but two data sets of the same short name by their whole one.
+    base = lambda model, weights, head: (f"{model} ({weights})" if weights not in (None, "default") else model, head)  # noqa: E731
+    parts = [_identity_parts(r) for r in runs]
+    # Columns: by short name (folder:cifar10-jpeg), by whole name where two short names clash, and by the
+    # differing fields where two data sets of one name differ in content or protocol.
     names = {r.get("dataset", "?") for r in runs} | {f["dataset"] for f in failures}
     shorts = [dataset_label(n) for n in names]
     label = {n: dataset_label(n) if shorts.count(dataset_label(n)) == 1 else n for n in names}
-
-    def place(model, weights, head, dataset):
-        row = (f"{model} ({weights})" if weights not in (None, "default") else model, head)
-        column = label[dataset]
+    column_of = [label[r.get("dataset", "?")] for r in runs]
+    if not merge:
+        for name in set(column_of):
+            specs = {identity.canonical(c): c for (c, _), col in zip(parts, column_of) if col == name}
+            if len(specs) > 1:
+                fields = identity.differences(list(specs.values()))
+                for i, ((c, _), col) in enumerate(zip(parts, column_of)):
+                    if col == name:
+                        column_of[i] = f"{name} ({identity.describe(c, fields)})"
+    # Rows: model and head, and the fields in which runs of that model and head differ.
+    row_of = [base(r["model"], r.get("weights"), r["method"]) for r in runs]
+    if not merge:
+        for key in set(row_of):
+            specs = {identity.canonical(rp): rp for (_, rp), rk in zip(parts, row_of) if rk == key}
+            if len(specs) > 1:
+                fields = identity.differences(list(specs.values()))
+                for i, ((_, rp), rk) in enumerate(zip(parts, row_of)):
+                    if rk == key:
+                        row_of[i] = (f"{key[0]} [{identity.describe(rp, fields)}]", key[1])
+    cells, chosen, rows, columns, notes = {}, {}, [], [], []
+    for r, row, column in zip(runs, row_of, column_of):
         if row not in rows:
             rows.append(row)
         if column not in columns:
             columns.append(column)
-        return row, column
-
-    for r in runs:
-        cells[place(r["model"], r.get("weights"), r["method"], r.get("dataset", "?"))] = r["test_accuracy"]
+        chosen.setdefault((row, column), []).append(r)
+    for (row, column), candidates in chosen.items():
+        newest = max(candidates, key=lambda r: r.get("created", ""))
+        cells[row, column] = newest["test_accuracy"]
+        if len(candidates) > 1:
+            specs = [r.get("identity") or {"path": r["path"]} for r in candidates]
+            fields = identity.differences(specs)
+            what = f"differing in {', '.join(fields)}" if fields else "of the same identity"
+            notes.append(f"{row[0]} / {row[1]} on {column}: {len(candidates)} runs {what}; the newest "
+                         f"({newest.get('created', '?')}, {newest['path']}) is shown")
     for f in failures:
-        cells.setdefault(place(f["model"], f.get("weights"), f["head"], f["dataset"]), "failed")
+        row, column = base(f["model"], f.get("weights"), f["head"]), label[f["dataset"]]
+        for item, where in ((row, rows), (column, columns)):
+            if item not in where:
+                where.append(item)
+        cells.setdefault((row, column), "failed")
     means = {}
     for row in rows:
         values = [cells[row, c] for c in columns if isinstance(cells.get((row, c)), float)]
         means[row] = (sum(values) / len(values), len(values)) if values else (None, 0)
-    return {"rows": rows, "columns": columns, "cells": cells, "means": means}
+    return {"rows": rows, "columns": columns, "cells": cells, "means": means, "notes": notes}
 
 
 def pivot_markdown(table: dict) -> str:
@@ -182,6 +232,7 @@ def pivot_markdown(table: dict) -> str:
         note = "" if count == n or mean is None else f" ({count} of {n})"
         lines.append(f"| {row[0]} | {row[1]} | " + " | ".join(cell(table["cells"].get((row, c))) for c in table["columns"])
                      + f" | {cell(mean)}{note} |")
+    lines += ["", *(f"- {n}" for n in table.get("notes", []))] if table.get("notes") else []
     return "\n".join(lines) + "\n"
 
 
@@ -213,8 +264,7 @@ def heatmap(table: dict, path: Path) -> Path:
         mean = table["means"][row][0]
         values[i, -1] = np.nan if mean is None else 100 * mean
     fig, ax = plt.subplots(figsize=(1.6 + 1.1 * len(columns), 1.0 + 0.5 * len(table["rows"])))
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad("#e0e0e0")  # a failed or missing pair: grey
+    cmap = plt.get_cmap("viridis").with_extremes(bad="#e0e0e0")  # a failed or missing pair: grey
     ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=0, vmax=100, aspect="auto")
     for i, row in enumerate(table["rows"]):
         for j, c in enumerate(columns):
@@ -229,12 +279,13 @@ def heatmap(table: dict, path: Path) -> Path:
     return _save_png(fig, path)
 
 
-def compare_pivot(paths: list[str | os.PathLike], *, out: str | os.PathLike = "runs/compare") -> tuple[dict, str]:
-    """`probe compare --pivot`: the suite table of runs or whole suite folders, merged, as suite.csv,
-    suite.md and suite.png under `out`."""
+def compare_pivot(paths: list[str | os.PathLike], *, out: str | os.PathLike = "runs/compare",
+                  merge: bool = False) -> tuple[dict, str]:
+    """`probe compare --pivot`: the suite table of runs or whole suite folders as suite.csv, suite.md and
+    suite.png under `out`; runs that differ in any field of their identity stay apart unless `merge`."""
     if not paths:
         raise ProbeError("give at least one run folder, suite folder or metrics.json")
-    result = pivot([r for r in load_metrics(paths) if r.get("kind") == "fit"])
+    result = pivot([r for r in load_metrics(paths) if r.get("kind") == "fit"], merge=merge)
     if not result["rows"]:
         raise ProbeError("no probe fit runs among them (the suite table is of fitted heads)")
     return result, write_pivot(result, Path(out))

@@ -14,10 +14,10 @@ import datetime
 import os
 from dataclasses import dataclass
 
-import torch
-import torch.distributed as dist
-
 from probe.errors import ProbeError
+
+# torch.distributed is imported where a world of more than one process needs it: a single process
+# (every command without torchrun) never loads torch for it.
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,9 @@ def world(device: str = "auto") -> World:
     if size == 1:
         _WORLD = World()
         return _WORLD
+    import torch
+    import torch.distributed as dist
+
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available() and device != "cpu"
     if cuda:
@@ -67,8 +70,11 @@ def world(device: str = "auto") -> World:
 def close() -> None:
     """Leave the process group (a process exiting with it open aborts in gloo's destructor)."""
     global _WORLD
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    if _WORLD is not None and _WORLD.size > 1:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     _WORLD = None
 
 
@@ -89,17 +95,24 @@ def rank_rows(n: int, w: World | None = None, align: int = 1) -> tuple[int, int]
 
 def barrier() -> None:
     if current().size > 1:
+        import torch.distributed as dist
+
         dist.barrier()
 
 
-def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum `tensor` over ranks in place (gloo needs CPU tensors, NCCL CUDA ones; the tensor moves and back)."""
+def all_reduce(tensor):
+    """Sum `tensor` (a torch tensor or a numpy array) over ranks in place and return it (gloo needs CPU
+    tensors, NCCL CUDA ones; the data moves and back)."""
     if current().size > 1:
+        import torch
+        import torch.distributed as dist
+
         backend_device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-        moved = tensor.to(backend_device)
+        source = torch.from_numpy(tensor) if not isinstance(tensor, torch.Tensor) else tensor
+        moved = source.to(backend_device)
         dist.all_reduce(moved)
-        if moved is not tensor:
-            tensor.copy_(moved)
+        if moved is not source:
+            source.copy_(moved)
     return tensor
 
 
@@ -107,6 +120,8 @@ def all_gather(value) -> list:
     """Every rank's `value` (any picklable object), in rank order."""
     if current().size == 1:
         return [value]
+    import torch.distributed as dist
+
     out = [None] * current().size
     dist.all_gather_object(out, value)
     return out
@@ -116,6 +131,8 @@ def broadcast(value):
     """Rank 0's `value` on every rank."""
     if current().size == 1:
         return value
+    import torch.distributed as dist
+
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]

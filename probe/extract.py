@@ -14,9 +14,9 @@ import torch
 from filelock import Timeout
 from tqdm.auto import tqdm
 
-from probe.backbones import Preprocess, create_backbone, inner, pool_block, resolve, select_layers
+from probe.backbones import Preprocess, create_backbone, inner, layer_names, pool_block, resolve, select_layers
 from probe.cache import PartialCache, cache_key, cache_path, open_cache
-from probe.batches import AUGMENTATIONS, augment, center_square, decode_small, iter_batches
+from probe.batches import AUGMENTATIONS, augment, center_square, decode_small, iter_batches, recipe
 from probe.datasets import load_dataset
 from probe import distributed
 from probe.device import is_out_of_memory, out_of_memory_error, resolve_device
@@ -43,13 +43,25 @@ class ExtractResult:
         return self.images / self.seconds if self.seconds else 0.0
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The forward pass's arithmetic: auto is float16 autocast on CUDA, float32 on the CPU."""
+    if precision not in PRECISIONS:
+        raise ProbeError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    return ("fp16" if device.type == "cuda" else "fp32") if precision == "auto" else precision
+
+
 def resolve_cache(*, model: str = "resnet18", dataset: str = "cifar10", weights: str = "default",
                   resolution: int | None = None, dtype: str = "float32", data_dir: str = "data",
                   cache_dir: str = "cache", download: bool = True, views: int = 0, augment: str = "rrc",
-                  pool: str | None = None, layers: str | list[str] | None = None, data_options: dict | None = None):
+                  pool: str | None = None, layers: str | list[str] | None = None, data_options: dict | None = None,
+                  precision: str = "auto", compile: bool = False, device: str = "auto"):
     """Load the data set and work out the cache file its features belong in: (dataset, key, path).
 
-    data_options: what some data set sources read (image_column, label_column of hf:)."""
+    The key is the cache's whole identity (probe.cache.cache_key). data_options: what some data set
+    sources read (image_column, label_column of hf:; test_shards, class_names of wds:)."""
     spec = resolve(model)
     pre, pool = spec.preprocess.at(resolution), spec.resolve_pool(pool)
     if layers:  # the names need the architecture (random init: no download)
@@ -59,11 +71,20 @@ def resolve_cache(*, model: str = "resnet18", dataset: str = "cifar10", weights:
     if views < 0 or augment not in AUGMENTATIONS or augment == "none":
         raise ProbeError(f"--views must be 0 or more and --augment one of {', '.join(AUGMENTATIONS[:-1])}, "
                          f"not {views} and {augment!r}")
+    precision = resolve_precision(precision, resolve_device(device))
     data = load_dataset(dataset, data_dir=data_dir, download=download, options=data_options)
-    key = cache_key(dataset=data.name, fingerprint=data.fingerprint, model=spec.name, family=spec.family,
-                    weights=spec.weights_identity(weights), resolution=pre.size, preprocessing=pre.as_dict(),
-                    pool=pool, dtype=dtype, views=views, augment=augment, layers=layers or None)
+    key = cache_key(dataset=data.name, fingerprint=data.fingerprint, protocol=data.protocol, model=spec.name,
+                    family=spec.family, weights=spec.weights_identity(weights), resolution=pre.size,
+                    preprocessing=pre.as_dict(), pool=pool, dtype=dtype, precision=precision, compiled=bool(compile),
+                    views=views, augment=recipe(augment) if views else None, layers=layers or None)
     return data, key, cache_path(cache_dir, key)
+
+
+def identity_of(*, device: str = "auto", batch_size: int | None = None, num_workers: int | None = None,
+                force: bool = False, **options) -> dict:
+    """The key a `probe extract` with these options would write (nothing is run): resolve_cache's. The
+    options that change no feature (batch size, workers, --force) are taken and left out."""
+    return resolve_cache(**options, device=device)[1]
 
 
 def extract(*, model: str = "resnet18", dataset: str = "cifar10", weights: str = "default",
@@ -71,7 +92,7 @@ def extract(*, model: str = "resnet18", dataset: str = "cifar10", weights: str =
             device: str = "auto", batch_size: int | None = None, dtype: str = "float32",
             num_workers: int | None = None, force: bool = False, views: int = 0, augment: str = "rrc",
             pool: str | None = None, layers: str | None = None, data_options: dict | None = None,
-            progress: bool = True) -> ExtractResult:
+            precision: str = "auto", compile: bool = False, progress: bool = True) -> ExtractResult:
     """Run backbone `model` over both splits of `dataset` and write the features to the cache.
 
     model: a short name, timm:NAME, hf:REPO-OR-FOLDER or open_clip:ARCH/TAG; its own preprocessing
@@ -81,8 +102,9 @@ def extract(*, model: str = "resnet18", dataset: str = "cifar10", weights: str =
     views: also store this many augmented views (`augment`: rrc, crop or flip) of every training
     image, in train/views; the test split is only ever the evaluation transform. A complete cache file
     with the same key is reused (no backbone pass) unless `force`. An interrupted run resumes from its
-    last whole shard. data_options: image_column and label_column of an hf: data set. Returns where
-    the file is and what it cost.
+    last whole shard. data_options: image_column and label_column of an hf: data set. precision: the
+    forward pass in fp32, or under bf16 or fp16 autocast (auto: fp16 on CUDA, fp32 on the CPU);
+    compile: through torch.compile. Both are in the key. Returns where the file is and what it cost.
     """
     if batch_size is not None and batch_size < 1:
         raise ProbeError(f"batch size must be positive, not {batch_size}")
@@ -92,9 +114,10 @@ def extract(*, model: str = "resnet18", dataset: str = "cifar10", weights: str =
         dev = torch.device("cuda", w.local_rank)
     data, key, path = resolve_cache(model=model, dataset=dataset, weights=weights, resolution=resolution,
                                     dtype=dtype, data_dir=data_dir, cache_dir=cache_dir, views=views, augment=augment,
-                                    pool=pool, layers=layers, data_options=data_options)
+                                    pool=pool, layers=layers, data_options=data_options, precision=precision,
+                                    compile=compile, device=device)
     if path.exists() and not force and not os.access(path.parent, os.W_OK):
-        open_cache(path)  # a complete cache on read-only storage: read it, no lock needed
+        open_cache(path, expect=key)  # a complete cache on read-only storage: read it, no lock needed
         return ExtractResult(path, reused=True)
     make_dir(path.parent)
     # Rank 0 holds the lock for the whole job; the other ranks wait for its word at the broadcast.
@@ -109,7 +132,7 @@ def extract(*, model: str = "resnet18", dataset: str = "cifar10", weights: str =
                 lock.acquire()
             try:
                 if path.exists() and not force:
-                    open_cache(path)  # a damaged file gets its error here, not a silent re-use
+                    open_cache(path, expect=key)  # a damaged or other file gets its error here, not a silent re-use
                     decision = "reuse"
             except ProbeError as e:
                 decision = e
@@ -134,20 +157,25 @@ def extract(*, model: str = "resnet18", dataset: str = "cifar10", weights: str =
 class Embedder:
     """A frozen backbone with its preprocessing: float images [N, 3, S, S] in 0..255 -> features [N, D].
 
-    Extraction and `probe predict` both go through here, so they normalize the same way. On CUDA
-    it runs in float16 autocast; channels_last is used on the CPU as well, where it was faster too.
+    Extraction and `probe predict` both go through here, so they normalize the same way and run the
+    same arithmetic: precision fp32, or bf16 / fp16 autocast on the model's device (the cache key
+    records it, and a head passes its cache's on); compiled: the network through torch.compile.
+    channels_last is used on the CPU as well, where it was faster too.
 
     layers ("all", "last4", or names): forward hooks also pool those blocks' outputs, on the device,
     in the same pass; the output is then [final | layer 1 | layer 2 | ...], `layer_dims` wide each.
     """
 
     def __init__(self, model: str, weights: str, pre: Preprocess, pool: str | None, device: torch.device,
-                 layers: str | list[str] | None = None):
+                 layers: str | list[str] | None = None, precision: str = "fp32", compiled: bool = False):
         self.pre, self.device = pre, device
+        self.precision = resolve_precision(precision, device)
         self.net = create_backbone(model, weights, pre, pool).to(device).to(memory_format=torch.channels_last)
         self.feature_dim = self.net.feature_dim
         self.layers, self.layer_dims, self._pooled = [], {}, {}
+        self.all_layers = []
         if layers:
+            self.all_layers = layer_names(self.net)
             self.layers = select_layers(self.net, layers, model)
             root = inner(self.net)
             token_pool = getattr(self.net, "pool", None)
@@ -160,6 +188,9 @@ class Embedder:
             with torch.inference_mode():  # widths from one small pass
                 self.net(probe_image.contiguous(memory_format=torch.channels_last))
             self.layer_dims = {name: self._pooled[name].shape[1] for name in self.layers}
+        self.forward = self.net
+        if compiled:
+            self.forward = _compile(self.net)
         self.mean = torch.tensor(pre.mean, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(pre.std, device=device).view(1, 3, 1, 1) * 255
         self.forward_seconds = 0.0  # time spent in the backbone itself
@@ -186,8 +217,8 @@ class Embedder:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         x = ((images - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
         t = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.float16, enabled=self.device.type == "cuda"):
-            features = self.net(x).float()
+        with torch.autocast(self.device.type, dtype=AUTOCAST[self.precision], enabled=self.precision != "fp32"):
+            features = self.forward(x).float()
         if self.layers:
             features = torch.cat([features, *(self._pooled.pop(name) for name in self.layers)], 1)
         if self.device.type == "cuda":
@@ -196,13 +227,26 @@ class Embedder:
         return features
 
 
+AUTOCAST = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _compile(net):
+    """torch.compile of a frozen network; a one-line error where the machine cannot compile."""
+    try:
+        return torch.compile(net, dynamic=False)
+    except Exception as e:  # no compiler, an unsupported platform
+        raise ProbeError(f"--compile: torch.compile is not available here ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''}); run without --compile") from None
+
+
 def _run(data, key, path, weights, dev, batch_size, num_workers, resume, progress) -> ExtractResult:
     """Every rank runs the backbone over its own rows of every pass (the split, then each augmented view
     of the training images) and writes shards; rank 0 then assembles the HDF5 file. With one process,
     its rows are all of them."""
     w = distributed.current()
     pre = Preprocess.from_dict(key["preprocessing"], key["resolution"])
-    embed = Embedder(key["model"], weights, pre, key["pool"], dev, layers=key.get("layers"))
+    embed = Embedder(key["model"], weights, pre, key["pool"], dev, layers=key.get("layers"), precision=key["precision"],
+                     compiled=key["compile"])
     store = np.float16 if key["dtype"] == "float16" else np.float32
     parts = PartialCache(path, key)
     if w.main:
@@ -211,7 +255,7 @@ def _run(data, key, path, weights, dev, batch_size, num_workers, resume, progres
     # One pass per split, then one per augmented view of the training images (views are seeded per
     # view and image, so a resumed pass repeats exactly what a straight one would have drawn).
     passes = [(name, split, None) for name, split in data.splits.items()]
-    passes += [(name, data.splits["train"], _view_transform(len(data.splits["train"]), pre, key["augment"], v))
+    passes += [(name, data.splits["train"], _view_transform(pre, key["augment"]["kind"], v))
                for v, name in enumerate(parts.view_splits())]
     # This rank's rows of each pass, aligned to the batch size so that its batches are exactly the
     # batches of a single process (the features are then the same bit for bit), minus what shards of
@@ -287,8 +331,8 @@ def _run(data, key, path, weights, dev, batch_size, num_workers, resume, progres
     if w.main:
         try:
             parts.finish(classes=data.classes, labels={s: sp.labels for s, sp in data.splits.items()},
-                         protocol=data.protocol, feature_dim=embed.feature_dim, versions=_versions(),
-                         layer_dims=embed.layer_dims,
+                         feature_dim=embed.feature_dim, versions=_versions(),
+                         layer_dims=embed.layer_dims, all_layers=embed.all_layers,
                          weights_path="" if weights in ("default", "none") else str(Path(weights).resolve()))
         except ProbeError as e:
             published = e
@@ -309,14 +353,22 @@ def _first_line(error: BaseException) -> str:
     return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
-VIEW_SEED = 1_000_003  # view v draws its crops from the generator seeded VIEW_SEED + v
+VIEW_SEED = 1_000_003
 
 
-def _view_transform(n_images: int, pre: Preprocess, kind: str, view: int):
-    """The augmentation of view `view`: each image's random numbers fixed by (view, row)."""
-    rand = torch.rand(n_images, 5, generator=torch.Generator().manual_seed(VIEW_SEED + view))
+def view_generator(view: int, row: int) -> torch.Generator:
+    """The generator image `row` of view `view` draws its crop from: a function of (view, row) alone, so a
+    view is the same whatever the batch, the rank or a resume (SeedSequence mixes the three numbers;
+    torch's generator keeps only 32 bits of a seed)."""
+    seed = int(np.random.SeedSequence((VIEW_SEED, view, row)).generate_state(1)[0])
+    return torch.Generator().manual_seed(seed)
+
+
+def _view_transform(pre: Preprocess, kind: str, view: int):
+    """The augmentation of view `view` for a batch whose first image is row `row`."""
     # Square first (small images arrive at their own size), so a view crops the frame the plain features show.
-    return lambda images, row: augment(center_square(images), pre, kind, rand[row:row + len(images)])
+    return lambda images, row: augment(center_square(images), pre, kind,
+                                       [view_generator(view, row + i) for i in range(len(images))])
 
 
 def _versions() -> dict:

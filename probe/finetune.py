@@ -23,15 +23,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from probe.backbones import create_backbone, partial_prefixes, resolve
-from probe.batches import AUGMENTATIONS, augment, decode_small, iter_batches
-from probe.datasets import Split, load_dataset
+from probe import identity
+from probe.backbones import create_backbone, hash_file, partial_prefixes, resolve
+from probe.batches import AUGMENTATIONS, augment, decode_small, iter_batches, recipe
+from probe.datasets import ImageDataset, Split, load_dataset
 from probe.preprocess import Preprocess, resize_center_crop
 from probe.errors import ProbeError
 from probe.device import resolve_device
 from probe.files import atomic_write, make_dir
-from probe.fit import (TEST_FRACTION, FitResult, balanced_rows, class_indices, holdout_description, holdout_rows,
-                       load_head, save_run)
+from probe.fit import FitResult
+from probe.runs import folder_name, load_head, save_run
+from probe.selection import TEST_FRACTION, balanced_rows, class_indices, holdout_description, holdout_rows
 from probe.train import train_epochs
 
 log = logging.getLogger("probe")
@@ -119,51 +121,61 @@ class _Subset:
     test_split: str  # how the test split was made
 
 
-def _load(dataset, data_dir, pre, classes, train_per_class, seed, test_fraction=None, data_options=None) -> _Subset:
+def _load(source: ImageDataset, pre, classes, train_per_class, seed, test_fraction=None) -> _Subset:
     """The data set in memory with the same class, subset and held-out test selection as `probe fit`."""
-    data = load_dataset(dataset, data_dir=data_dir, download=True, options=data_options)
-    keep = class_indices(data.classes, classes)
-    remap = np.full(len(data.classes), -1)
+    keep = class_indices(source.classes, classes)
+    remap = np.full(len(source.classes), -1)
     remap[keep] = np.arange(len(keep))
-    train = data.splits["train"]
-    if "test" in data.splits:
+    train, dataset = source.splits["train"], source.name
+    if "test" in source.splits:
         if test_fraction is not None:
             raise ProbeError(f"data set {dataset} has a test split; --test-fraction is for data sets without one")
-        test, test_split = data.splits["test"], data.protocol
+        test, test_split = source.splits["test"], source.protocol
     else:  # the same held-out rows as probe fit with the same seed and fraction
         fraction = TEST_FRACTION if test_fraction is None else test_fraction
         if not 0 < fraction < 1:
             raise ProbeError(f"--test-fraction must be between 0 and 1, not {fraction}")
-        train_rows, test_rows = holdout_rows(train.labels, keep, fraction, seed, data.classes)
+        train_rows, test_rows = holdout_rows(train.labels, keep, fraction, seed, source.classes)
         train, test = train.subset(train_rows), train.subset(test_rows)
         test_split = holdout_description(fraction, len(test_rows), seed)
-    rows = balanced_rows(train.labels, keep, train_per_class, seed, data.classes, dataset)
+    rows = balanced_rows(train.labels, keep, train_per_class, seed, source.classes, dataset)
     test_rows = np.flatnonzero(np.isin(test.labels, keep))
     if not len(test_rows):
         raise ProbeError(f"data set {dataset} has no test images of the selected classes; choose others with --classes")
-    return _Subset([data.classes[c] for c in keep], _in_memory(train.subset(rows), pre), remap[train.labels[rows]],
+    return _Subset([source.classes[c] for c in keep], _in_memory(train.subset(rows), pre), remap[train.labels[rows]],
                    _in_memory(test.subset(test_rows), pre), remap[test.labels[test_rows]], test_split)
 
 
-def finetune(*, strategy: str = "partial", model: str = "resnet18", dataset: str = "cifar10",
-             weights: str = "default", resolution: int | None = None, data_dir: str = "data",
-             classes: list[str] | None = None, train_per_class: int | None = None, seed: int = 0,
-             epochs: int = 10, lp_epochs: int | None = None, batch_size: int = 64, optimizer: str = "adamw",
-             lr: float = 1e-4, head_lr: float = 1e-3, weight_decay: float = 1e-4, schedule: str = "cosine",
-             augmentation: str = "rrc", unfreeze: tuple[str, ...] = (), init_head: str | None = None,
-             device: str = "auto", out: str | None = None, runs_dir: str = "runs", resume: bool = False,
-             test_fraction: float | None = None, bn: str = "frozen", curve_test: int | None = None,
-             data_options: dict | None = None, progress: bool = True) -> FitResult:
-    """Fine-tune `model` on `dataset` with `strategy`; metrics, history and checkpoints go to `out`.
+# Bumped when fine-tuning changes its numbers for the same options, so no earlier checkpoint is resumed.
+REVISION = 2
 
-    lp-ft: `lp_epochs` train the classifier alone (at head_lr), then every layer trains at lr. With
-    `init_head` (a logreg or linear head of `probe fit`, Kumar et al.'s LP to convergence) the classifier
-    starts from it and lp_epochs defaults to 0; without, to half of `epochs`.
-    A checkpoint is written after each epoch; resume=True continues from it. bn: "frozen" keeps every
-    BatchNorm layer's pretrained statistics and affine parameters, "train" trains them with the rest.
-    curve_test: evaluate each epoch on a fixed seeded subset of this many test images (the curve),
-    and only the final model on all of them.
-    """
+
+@dataclass
+class Prepared:
+    """A fine-tune worked out before it trains: its identity, run folder and resolved settings."""
+    identity: dict
+    config: dict  # the options as given (metrics.json's hyperparameters)
+    out: Path
+    spec: object  # the ModelSpec
+    pre: Preprocess
+    device: torch.device
+    lp_epochs: int
+    source: ImageDataset
+
+
+def prepare(*, strategy: str = "partial", model: str = "resnet18", dataset: str = "cifar10",
+            weights: str = "default", resolution: int | None = None, data_dir: str = "data",
+            classes: list[str] | str | None = None, train_per_class: int | None = None, seed: int = 0,
+            epochs: int = 10, lp_epochs: int | None = None, batch_size: int = 64, optimizer: str = "adamw",
+            lr: float = 1e-4, head_lr: float = 1e-3, weight_decay: float = 1e-4, schedule: str = "cosine",
+            augmentation: str = "rrc", unfreeze: tuple[str, ...] = (), init_head: str | None = None,
+            device: str = "auto", out: str | None = None, runs_dir: str = "runs",
+            test_fraction: float | None = None, bn: str = "frozen", curve_test: int | None = None,
+            data_options: dict | None = None, resume: bool = False) -> Prepared:
+    """Check the options, load the data set's description and compute the fine-tune's identity (probe.identity):
+    the data's fingerprint and protocol, the model with its weights and preprocessing, every training option,
+    the augmentation's recipe, the arithmetic (float16 autocast on CUDA) and the identity of an --init-head.
+    resume is not part of it: a resumed run is the same run."""
     for value, allowed, what in ((strategy, STRATEGIES, "strategy"), (optimizer, OPTIMIZERS, "optimizer"),
                                  (schedule, SCHEDULES, "schedule"), (augmentation, AUGMENTATIONS, "augmentation"),
                                  (bn, BN_MODES, "--bn")):
@@ -181,6 +193,8 @@ def finetune(*, strategy: str = "partial", model: str = "resnet18", dataset: str
     if unfreeze and strategy != "partial":
         raise ProbeError(f"--unfreeze adds layers to --strategy partial; {strategy} trains "
                          f"{'every layer' if strategy == 'full' else 'the head alone'}")
+    if isinstance(classes, str):
+        classes = [c.strip() for c in classes.split(",") if c.strip()]
     spec = resolve(model)
     pre = spec.preprocess.at(resolution)
     dev = resolve_device(device)
@@ -189,16 +203,63 @@ def finetune(*, strategy: str = "partial", model: str = "resnet18", dataset: str
     lp_epochs = lp_epochs if strategy == "lp-ft" else 0
     if not 0 <= lp_epochs <= epochs:
         raise ProbeError(f"--lp-epochs must be between 0 and --epochs ({epochs}), not {lp_epochs}")
-    t_start = time.perf_counter()
-    data = _load(dataset, data_dir, pre, classes, train_per_class, seed, test_fraction, data_options)
-    safe = lambda text: re.sub(r"[^A-Za-z0-9._+-]+", "-", text).strip("-")  # noqa: E731 (a name, not a path)
-    out_dir = Path(out) if out else Path(runs_dir) / f"finetune__{safe(dataset)}__{safe(model)}__{strategy}"
+    source = load_dataset(dataset, data_dir=data_dir, download=True, options=data_options)
+    kept = [source.classes[c] for c in class_indices(source.classes, classes)]
+    unfreeze = tuple(unfreeze or ())
     config = {"strategy": strategy, "model": model, "dataset": dataset, "weights": weights, "resolution": pre.size,
-              "classes": data.classes, "train_per_class": train_per_class, "seed": seed, "epochs": epochs,
+              "classes": kept, "train_per_class": train_per_class, "seed": seed, "epochs": epochs,
               "lp_epochs": lp_epochs, "batch_size": batch_size, "optimizer": optimizer, "lr": lr, "head_lr": head_lr,
               "weight_decay": weight_decay, "schedule": schedule, "augmentation": augmentation,
               "unfreeze": list(unfreeze), "init_head": init_head, "test_fraction": test_fraction, "bn": bn,
               "curve_test": curve_test, **({"data_options": data_options} if data_options else {})}
+    if init_head is not None and not Path(init_head).exists():
+        raise ProbeError(f"no head file {init_head}; give the head.joblib (or run folder) that probe fit wrote")
+    head_file = Path(init_head) / "head.joblib" if init_head and Path(init_head).is_dir() else init_head
+    spec_fields = {
+        "artifact": "finetune", "revision": REVISION,
+        "data": {"dataset": source.name, "fingerprint": source.fingerprint, "protocol": source.protocol},
+        "model": spec.name, "family": spec.family, "weights": spec.weights_identity(weights),
+        "preprocessing": pre.as_dict(), "precision": "fp16-amp" if dev.type == "cuda" else "fp32",
+        **{k: v for k, v in config.items() if k not in ("model", "dataset", "weights", "init_head", "classes",
+                                                         "augmentation", "test_fraction", "data_options")},
+        "classes": kept if classes else None, "augmentation": recipe(augmentation),
+        "test_fraction": None if "test" in source.splits else (test_fraction or TEST_FRACTION),
+        # The head's content, wherever it lies: another head in the same place is another start.
+        "init_head": f"file-{hash_file(Path(head_file))}" if head_file else None,
+    }
+    ident = identity.normalized(spec_fields)
+    safe = lambda text: re.sub(r"[^A-Za-z0-9._+-]+", "-", text).strip("-")  # noqa: E731 (a name, not a path)
+    readable = f"finetune__{safe(dataset)[-60:]}__{safe(model)}__{strategy}"
+    out_dir = Path(out) if out else Path(runs_dir) / folder_name(readable, ident)
+    return Prepared(ident, config, out_dir, spec, pre, dev, lp_epochs, source)
+
+
+def identity_of(**options) -> dict:
+    """The identity a `probe finetune` with these options would record (nothing is trained)."""
+    return prepare(**options).identity
+
+
+def finetune(*, progress: bool = True, **options) -> FitResult:
+    """Fine-tune `model` on `dataset` with `strategy`; metrics, history and checkpoints go to `out`.
+
+    Options are prepare()'s. lp-ft: `lp_epochs` train the classifier alone (at head_lr), then every
+    layer trains at lr. With `init_head` (a logreg or linear head of `probe fit`, Kumar et al.'s LP to
+    convergence) the classifier starts from it and lp_epochs defaults to 0; without, to half of `epochs`.
+    A checkpoint is written after each epoch; resume=True continues from the checkpoint of the same
+    identity. bn: "frozen" keeps every BatchNorm layer's pretrained statistics and affine parameters,
+    "train" trains them with the rest. curve_test: evaluate each epoch on a fixed seeded subset of this
+    many test images (the curve), and only the final model on all of them.
+    """
+    t_start = time.perf_counter()
+    prep = prepare(**options)
+    config, out_dir, spec, pre, dev, lp_epochs = prep.config, prep.out, prep.spec, prep.pre, prep.device, prep.lp_epochs
+    (strategy, model, weights, classes, train_per_class, seed, epochs, batch_size, optimizer, lr, head_lr,
+     weight_decay, schedule, augmentation, init_head, test_fraction, bn, curve_test) = (
+        config[k] for k in ("strategy", "model", "weights", "classes", "train_per_class", "seed", "epochs",
+                            "batch_size", "optimizer", "lr", "head_lr", "weight_decay", "schedule", "augmentation",
+                            "init_head", "test_fraction", "bn", "curve_test"))
+    unfreeze, resume = tuple(config["unfreeze"]), bool(options.get("resume"))
+    data = _load(prep.source, pre, classes, train_per_class, seed, test_fraction)
 
     torch.manual_seed(seed)
     net = Classifier(model, weights, pre, len(data.classes))
@@ -220,7 +281,7 @@ def finetune(*, strategy: str = "partial", model: str = "resnet18", dataset: str
         for i in range(0, len(order), batch_size):
             idx = order[i:i + batch_size]
             images = X[idx].to(dev, non_blocking=True).permute(0, 3, 1, 2).float()
-            yield augment(images, pre, augmentation, torch.rand(len(idx), 5, generator=g)), y[idx.to(dev)]
+            yield augment(images, pre, augmentation, g), y[idx.to(dev)]
 
     test_split = Split(labels=data.test_labels, pixels=data.test_pixels)
     # The per-epoch curve on a fixed seeded subset of the test images when curve_test is given (cheaper);
@@ -239,7 +300,7 @@ def finetune(*, strategy: str = "partial", model: str = "resnet18", dataset: str
         return correct / len(split)
 
     checkpoint = out_dir / "checkpoint.pt"
-    state = _load_checkpoint(checkpoint, config) if resume else None
+    state = _load_checkpoint(checkpoint, prep.identity) if resume else None
     if resume and state is None:
         log.info(f"no checkpoint in {out_dir}: starting from the first epoch")
     history = state["history"] if state else []
@@ -261,7 +322,7 @@ def finetune(*, strategy: str = "partial", model: str = "resnet18", dataset: str
             row["stage"] = stage or strategy
             row["epoch"] = len(history) + 1  # numbered across both stages of lp-ft
             history.append(row)
-            _save_checkpoint(checkpoint, {"config": config, "stage": stage, "history": history,
+            _save_checkpoint(checkpoint, {"identity": prep.identity, "stage": stage, "history": history,
                                           "model": net.state_dict(), "optimizer": opt.state_dict(),
                                           "scheduler": sched.state_dict()})
 
@@ -279,14 +340,15 @@ def finetune(*, strategy: str = "partial", model: str = "resnet18", dataset: str
     wall = time.perf_counter() - t_start
     metrics = {
         "kind": "finetune", "method": f"finetune-{strategy}", "model": model, "weights": weights, "resolution": pre.size,
-        "dataset": dataset, "classes": data.classes, "n_train": int(len(data.labels)), "n_test": int(len(data.test_labels)),
+        "dataset": config["dataset"], "classes": data.classes, "n_train": int(len(data.labels)), "n_test": int(len(data.test_labels)),
         "test_split": data.test_split,
         "test_accuracy": history[-1]["test_accuracy"] if curve_rows is None else evaluate(),
         "curve_test_images": len(data.test_labels) if curve_rows is None else len(curve_rows),
         "trainable_parameters": trainable,
         "total_parameters": sum(p.numel() for p in net.parameters()), "hyperparameters": config,
         "train_per_class": train_per_class, "seed": seed, "history": history, "lp_epochs": lp_epochs,
-        "wall_seconds": wall, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "wall_seconds": wall, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds"),
+        "identity": prep.identity, "identity_hash": identity.digest(prep.identity),
     }
     save_run(out_dir, None, metrics)
     return FitResult(out_dir, metrics)
@@ -343,13 +405,15 @@ def _save_checkpoint(path: Path, state: dict) -> None:
         raise ProbeError(f"{e}; add --resume to continue from the last checkpoint") from None
 
 
-def _load_checkpoint(path: Path, config: dict) -> dict | None:
+def _load_checkpoint(path: Path, wanted: dict) -> dict | None:
     if not path.exists():
         return None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a cut-short file raises various errors
         raise ProbeError(f"checkpoint {path} is damaged ({type(e).__name__}); delete it to start over") from None
-    if state.get("config") != config:
-        raise ProbeError(f"checkpoint {path} is of another configuration; use another --out or delete it")
+    if not identity.same(state.get("identity"), wanted):
+        fields = identity.differences([state.get("identity") or {}, wanted])
+        raise ProbeError(f"checkpoint {path} is of another configuration (it differs in {', '.join(fields[:6])}); use "
+                         "another --out or delete it")
     return state

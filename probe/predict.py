@@ -13,8 +13,8 @@ from probe.preprocess import resize_center_crop
 from probe.device import resolve_device
 from probe.errors import ProbeError
 from probe.extract import Embedder
-from probe.fit import load_head
 from probe.heads import rank_classes
+from probe.runs import load_head
 
 BATCH_SIZE = 64  # images per backbone pass
 
@@ -41,7 +41,9 @@ def predict(head: str | os.PathLike, images: list[str | os.PathLike], *, top_k: 
     # The preprocessing and pool the cache was extracted with (heads of probe 0.2 record the older transform).
     pre = Preprocess.from_dict(artifact["preprocessing"], artifact["resolution"])
     layers = artifact.get("layers") or []  # a head fitted on layers (probe fit --layer) gets those columns
-    embed = Embedder(artifact["model"], weights, pre, artifact.get("pool"), resolve_device(device), layers=layers)
+    # The arithmetic the cache was extracted with, so the head sees features as it was fitted on them.
+    embed = Embedder(artifact["model"], weights, pre, artifact.get("pool"), resolve_device(device), layers=layers,
+                     precision=artifact.get("precision", "fp32"), compiled=artifact.get("compile", False))
     width = sum(embed.layer_dims.values()) if layers else embed.feature_dim
     if width != artifact["feature_dim"]:
         raise ProbeError(f"head {head} expects {artifact['feature_dim']}-wide features, but {artifact['model']} "

@@ -36,8 +36,11 @@ class Rows:
     rows read once (a test split), of which nothing is kept between passes."""
 
     def __init__(self, path: str | Path, parts: list[Part], budget: int | None = None, chunk_rows: int | None = None,
-                 keep: bool = True):
-        self.path, self.parts = Path(path), parts
+                 keep: bool = True, key_hash: str | None = None):
+        # The absolute path and the cache's identity: a head that streams its rows (kNN) reads them from
+        # the same file wherever it is used from, and refuses another file at that path.
+        self.path, self.parts, self.key_hash = Path(path).absolute(), parts, key_hash
+        self._checked = False
         with h5py.File(self.path, "r") as f:
             self.dim = sum(f[c].shape[-1] for c in parts[0].columns)
         self.labels = np.concatenate([p.labels for p in parts])
@@ -58,7 +61,16 @@ class Rows:
         return len(self) * self.dim * 4
 
     def __getstate__(self) -> dict:  # a head that streams its training rows pickles the reference, not them
-        return {**self.__dict__, "_kept": {}, "_kept_bytes": 0}
+        return {**self.__dict__, "_kept": {}, "_kept_bytes": 0, "_checked": False}
+
+    def _check(self, f: h5py.File) -> None:
+        """Once per process: the file at self.path is still the cache these rows were planned on."""
+        if self.key_hash is not None and not self._checked:
+            found = f.attrs.get("key_hash")
+            if found != self.key_hash:
+                raise ProbeError(f"the cache at {self.path} is not the one these rows are of (its key hash is {found}, "
+                                 f"they were planned on {self.key_hash}): it was replaced; fit again on the new one")
+        self._checked = True
 
     def chunks(self, keep: np.ndarray | None = None, every_rank: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(X float32 [m, D], y [m]) chunks of this rank's share of the rows (all of them with every_rank,
@@ -94,6 +106,7 @@ class Rows:
                              "extract it again, or fit again")
         try:
             with h5py.File(self.path, "r") as f:
+                self._check(f)
                 blocks = []
                 for column in part.columns:
                     ds = f[column]

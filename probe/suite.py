@@ -1,8 +1,8 @@
 """`probe suite`: every model on every data set with every head, in one table.
 
 Each (model, data set) pair is one `probe extract` (a complete cache is reused, an interrupted one
-resumes) and each head one `probe fit` into its own run folder under `out` (a finished fit for the same
-cache and settings is read back, not redone). A pair that fails (a download that is impossible, a bad
+resumes) and each head one `probe fit` into its own run folder under `out` (a finished fit of the same
+identity, probe.identity, is read back, not redone). A pair that fails (a download that is impossible, a bad
 folder) is reported in the table and at the end, and the suite goes on. The table is the one
 `probe compare --pivot` draws from the run folders: suite.csv, suite.md, suite.png (a heatmap), and
 suite.json with every pair's status.
@@ -10,15 +10,13 @@ suite.json with every pair's status.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import re
-from pathlib import Path
 
 from probe.backbones import resolve
 from probe.compare import load_metrics, pivot, write_pivot
+from probe.datasets import check_dataset_name
 from probe.errors import ProbeError
 from probe.extract import extract
 from probe.files import atomic_write, make_dir
@@ -42,6 +40,10 @@ def suite(*, models: list[str], datasets: list[str], heads: list[str] = ("logreg
     unknown = [h for h in heads if h not in HEADS]
     if unknown:
         raise ProbeError(f"unknown head(s) {', '.join(unknown)}: choose from {', '.join(HEADS)}")
+    for model in models:  # every input checked before any work: a typo fails now, not after an hour
+        resolve(model)
+    for dataset in datasets:
+        check_dataset_name(dataset)
     out = make_dir(out)
     pairs, runs = [], []
     for dataset in datasets:
@@ -55,23 +57,21 @@ def suite(*, models: list[str], datasets: list[str], heads: list[str] = ("logreg
                            "status": "failed", "error": str(e)} for h in heads]
                 continue
             for head in heads:
-                run = out / _run_folder(dataset, model, weights, head, train_per_class, seed)
-                metrics = _finished(run, cache, train_per_class, seed)
-                reused = metrics is not None
-                try:
-                    if metrics is None:
-                        metrics = fit(head=head, features=str(cache), out=str(run), train_per_class=train_per_class,
-                                      seed=seed, device=device).metrics
+                try:  # a finished fit of the same identity in the suite's folder is read back, not redone
+                    result = fit(head=head, features=str(cache), runs_dir=str(out), train_per_class=train_per_class,
+                                 seed=seed, device=device, reuse=True)
                 except ProbeError as e:
                     log.info(f"{model} on {dataset}, {head}: failed (listed at the end)")
                     pairs.append({"model": _canonical(model), "weights": weights, "dataset": dataset, "head": head,
                                   "status": "failed", "error": str(e)})
                     continue
-                log.info(f"{model} on {dataset}, {head}: {metrics['test_accuracy']:.2%}" + (" (reused)" if reused else ""))
+                metrics = result.metrics
+                log.info(f"{model} on {dataset}, {head}: {metrics['test_accuracy']:.2%}" +
+                         (" (reused)" if result.reused else ""))
                 pairs.append({"model": metrics["model"], "weights": weights, "dataset": dataset, "head": head,
-                              "status": "reused" if reused else "done", "run": str(run),
-                              "test_accuracy": metrics["test_accuracy"]})
-                runs.append(run)
+                              "status": "reused" if result.reused else "done", "run": str(result.out),
+                              "identity_hash": metrics["identity_hash"], "test_accuracy": metrics["test_accuracy"]})
+                runs.append(result.out)
     failed = [p for p in pairs if p["status"] == "failed"]
     table = pivot(load_metrics(runs) if runs else [], failed)
     write_pivot(table, out)
@@ -89,23 +89,3 @@ def _canonical(model: str) -> str:
         return resolve(model).name
     except ProbeError:
         return model
-
-
-def _run_folder(dataset: str, model: str, weights: str, head: str, train_per_class, seed) -> str:
-    """A readable, unique folder name for a pair's fit: paths and model names made safe, and a hash of them
-    as given (folder:/a-b/F and folder:/a/b-F read alike)."""
-    safe = lambda text: re.sub(r"[^A-Za-z0-9._+-]+", "-", text).strip("-")  # noqa: E731
-    exact = hashlib.sha256("\0".join((dataset, model, weights)).encode()).hexdigest()[:8]
-    name = f"{safe(dataset)}__{safe(model)}__{safe(weights)}__{head}__{exact}"
-    return name + (f"__n{train_per_class}-seed{seed}" if train_per_class else "")
-
-
-def _finished(run: Path, cache: Path, train_per_class, seed) -> dict | None:
-    """The metrics of a fit already in `run` for this very cache file and settings, or None."""
-    try:
-        metrics = json.loads((run / "metrics.json").read_text())
-    except (OSError, ValueError):
-        return None
-    same = (Path(metrics.get("cache", "")).resolve() == cache.resolve() and metrics.get("train_per_class") == train_per_class
-            and metrics.get("seed") == seed and (run / "head.joblib").exists())
-    return metrics if same else None

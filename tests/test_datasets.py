@@ -216,7 +216,7 @@ def test_hf_parquet_files_through_extract_fit_and_predict(tmp_path, run_cli):
     assert fitted.exit_code == 0, fitted.output
     image = tmp_path / "one.png"
     sample_images(1, 36)[0].save(image)
-    predicted = run_cli("predict", "--head", next(Path("runs").glob("*__logreg")), image)
+    predicted = run_cli("predict", "--head", next(Path("runs").glob("*__logreg__*")), image)
     assert predicted.exit_code == 0 and predicted.output.split(": ")[1].split()[0] in ("ant", "bee", "wasp")
 
 

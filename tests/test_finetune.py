@@ -98,17 +98,50 @@ def test_a_damaged_checkpoint_is_refused(tiny, tmp_path, run_cli):
 
 
 def test_augment_is_random_per_image_and_keeps_the_size():
-    g = torch.Generator().manual_seed(0)
     images = torch.arange(2 * 3 * 32 * 32, dtype=torch.float32).reshape(2, 3, 32, 32).repeat(4, 1, 1, 1)
-    rand = torch.rand(8, 5, generator=g)
     for kind in ("rrc", "crop", "flip"):
-        out = augment(images, Preprocess(48, 48), kind, rand)
+        generators = [torch.Generator().manual_seed(i) for i in range(8)]
+        out = augment(images, Preprocess(48, 48), kind, generators)
         assert out.shape == (8, 3, 48, 48)
         if kind != "flip":  # two flips of the same image can be the same coin toss
             assert not torch.equal(out[0], out[2])  # the same image, two different crops
-        # A view depends on its own random numbers only, not on the rest of the batch.
-        torch.testing.assert_close(augment(images[2:3], Preprocess(48, 48), kind, rand[2:3])[0], out[2])
-    assert torch.equal(augment(images, Preprocess(32, 32), "none", rand), images)
+        # A view depends on its own generator only, not on the rest of the batch.
+        torch.testing.assert_close(augment(images[2:3], Preprocess(48, 48), kind, [torch.Generator().manual_seed(2)])[0],
+                                   out[2])
+    assert torch.equal(augment(images, Preprocess(32, 32), "none", torch.Generator()), images)
+
+
+@pytest.mark.parametrize("size", [(32, 32), (24, 48), (300, 200)])
+def test_augment_draws_and_crops_as_torchvision_does(size):
+    """The same seed gives torchvision's RandomResizedCrop / RandomCrop boxes and flips, and the same pixels
+    as torchvision's own transforms on those boxes (crops inside the image; RandomCrop's zero padding)."""
+    from torchvision.transforms import v2
+
+    from probe.batches import CROP_PADDING, RRC_RATIO, RRC_SCALE, crop_resize, draw_box
+
+    h, w = size
+    image = torch.rand(3, h, w, generator=torch.Generator().manual_seed(1)) * 255
+    for seed in range(20):
+        torch.manual_seed(seed)  # torchvision draws from the global generator
+        top, left, bh, bw = v2.RandomResizedCrop.get_params(image, scale=list(RRC_SCALE), ratio=list(RRC_RATIO))
+        flip = bool(torch.rand(1) < 0.5)  # RandomHorizontalFlip's coin comes next
+        box = draw_box("rrc", h, w, torch.Generator().manual_seed(seed))
+        assert box == (top, left, bh, bw, flip)
+        assert 0 <= top and top + bh <= h and 0 <= left and left + bw <= w  # inside the image: no padding
+        expected = v2.functional.resized_crop(image, top, left, bh, bw, [40, 40], antialias=True)
+        expected = v2.functional.horizontal_flip(expected) if flip else expected
+        torch.testing.assert_close(crop_resize(image, box, 40), expected, atol=1e-3, rtol=1e-5)
+
+        torch.manual_seed(seed)
+        padded = v2.functional.pad(image, [CROP_PADDING] * 4, fill=0)
+        top, left, bh, bw = v2.RandomCrop.get_params(padded, (h, w))
+        flip = bool(torch.rand(1) < 0.5)
+        box = draw_box("crop", h, w, torch.Generator().manual_seed(seed))
+        assert box == (top - CROP_PADDING, left - CROP_PADDING, h, w, flip)
+        expected = v2.functional.crop(padded, top, left, bh, bw)
+        expected = v2.functional.horizontal_flip(expected) if flip else expected
+        expected = v2.functional.resize(expected, [40, 40], antialias=True)
+        torch.testing.assert_close(crop_resize(image, box, 40), expected, atol=1e-3, rtol=1e-5)
 
 
 @pytest.mark.parametrize("head", ["logreg", "linear"])

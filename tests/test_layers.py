@@ -146,7 +146,7 @@ def test_cli_layers_fit_layer_depth_and_predict(run_cli):
     assert fit.exit_code == 0, fit.output
     metrics = json.loads(fit.output[:fit.output.rindex("}") + 1])
     assert metrics["layer"] == "blocks.3" and metrics["feature_dim"] == 64
-    head = next(Path("runs").glob("*__logreg__layer-blocks.3"))
+    head = next(Path("runs").glob("*__logreg__layer-blocks.3__*"))
     image = next((SAMPLE_DIR / "test" / "cat").glob("*.jpg"))
     predicted = run_cli("predict", "--head", head, image, "--json")
     assert predicted.exit_code == 0, predicted.output

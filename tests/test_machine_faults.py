@@ -13,7 +13,7 @@ import torch
 
 from conftest import assert_one_line_error, copy_sample
 from probe.cache import open_cache
-from probe.fit import select
+from probe.selection import select
 
 TINY = ["--model", "resnet18", "--weights", "none", "--resolution", "32"]
 

@@ -26,7 +26,8 @@ from probe.cache import open_cache
 from probe.datasets import SAMPLE_DIR
 from probe.device import resident_bytes
 from probe.extract import extract
-from probe.fit import fit, plan, stores
+from probe.fit import fit
+from probe.selection import plan, stores
 from probe.heads import LogisticProbe
 from probe.rows import parse_bytes
 
@@ -78,6 +79,9 @@ def test_probe_fit_under_a_memory_cap_streams_and_matches(sample_cache, tmp_path
     cap = resident_bytes() + (4 << 20)  # the cap is the process's: a few MB for 5 MB of training features
     capped = fit(head=head, features=str(sample_cache), out=str(tmp_path / "cap"), device="cpu", max_memory=cap).metrics
     assert not in_memory["streamed"] and capped["streamed"] and capped["max_memory"] == cap
+    # The streamed fit is another artifact: its identity says so (and, for linear, the budget its buffer had).
+    assert capped["identity"]["streamed"] and capped["identity_hash"] != in_memory["identity_hash"]
+    assert (capped["identity"]["max_memory"] == cap) == (head == "linear")
     if head == "linear":  # SGD from a shuffle buffer draws other minibatches: close, not equal
         assert abs(capped["test_accuracy"] - in_memory["test_accuracy"]) < 0.05 and capped["test_accuracy"] > 0.5
     else:
@@ -130,7 +134,7 @@ TORCHRUN_FIT = """
 import json, sys, numpy as np
 from probe import distributed
 from probe.cache import open_cache
-from probe.fit import plan, stores
+from probe.selection import plan, stores
 from probe.heads import LogisticProbe
 from sklearn.preprocessing import StandardScaler
 w = distributed.world("cpu")

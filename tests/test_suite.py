@@ -68,7 +68,7 @@ def test_a_killed_suite_resumes_without_redoing_finished_pairs(tmp_path):
     env = {**os.environ, "PROBE_SHARD_SECONDS": "0"}
     proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     def first_fit():
-        return next((tmp_path / "runs" / "suite").glob("sample__resnet18__none__logreg__*/metrics.json"), None)
+        return next((tmp_path / "runs" / "suite").glob("sample__resnet18__none__*__logreg__*/metrics.json"), None)
 
     deadline = time.time() + 300
     while first_fit() is None and proc.poll() is None and time.time() < deadline:

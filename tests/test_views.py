@@ -79,5 +79,5 @@ def test_views_of_non_square_small_images_crop_the_frame_the_plain_features_show
     image[:, 2, :, 12:36] = 255
     for kind in ("rrc", "crop", "flip"):
         for view in range(4):
-            seen = _view_transform(1, Preprocess(32, 32), kind, view)(image, 0)
+            seen = _view_transform(Preprocess(32, 32), kind, view)(image, 0)
             assert seen.shape == (1, 3, 32, 32) and seen[:, 0].max() < 1, kind

@@ -147,7 +147,9 @@ def hash_file(path: Path, digest=None) -> str:
 
 def hash_folder(path: Path) -> str:
     digest = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file() and ".cache" not in p.parts):
+    # A `.cache` folder inside the saved model (hub downloads) is not the model; one above it (a model
+    # saved under ~/.cache/huggingface) must not hide every file.
+    for f in sorted(p for p in path.rglob("*") if p.is_file() and ".cache" not in p.relative_to(path).parts):
         digest.update(str(f.relative_to(path)).encode() + b"\0")
         hash_file(f, digest)
     return digest.hexdigest()[:12]

@@ -23,8 +23,8 @@ from probe.datasets.base import (IMAGE_EXTENSIONS, ImageDataset, ImageFiles, Spl
 from probe.datasets.folder import SAMPLE_DIR
 from probe.errors import ProbeError
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageDataset", "ImageFiles", "SAMPLE_DIR", "Split", "decode_image",
-           "describe_datasets", "load_dataset", "read_image"]
+__all__ = ["IMAGE_EXTENSIONS", "ImageDataset", "ImageFiles", "SAMPLE_DIR", "Split", "check_dataset_name",
+           "decode_image", "describe_datasets", "load_dataset", "read_image"]
 
 # name: (loader(data_dir, download), classes, published (train, test) sizes, protocol, where under --data-dir)
 NAMED = {
@@ -40,6 +40,13 @@ NAMED = {
 PREFIXES = ("folder:", "hf:", "wds:")
 # Options that only some sources read; given for another source they are an error, not ignored.
 OPTIONS = {"image_column": "hf:", "label_column": "hf:", "test_shards": "wds:", "class_names": "wds:"}
+
+
+def check_dataset_name(name: str) -> None:
+    """A one-line error for a --dataset that no source takes, before any data is read."""
+    if name not in NAMED and not name.startswith(PREFIXES):
+        raise ProbeError(f"unknown data set {name!r}: choose one of {', '.join(NAMED)}, or folder:PATH, "
+                         "hf:NAME-OR-FOLDER[@CONFIG], wds:PATTERN (probe datasets lists them)")
 
 
 def load_dataset(name: str, data_dir: str | os.PathLike = "data", download: bool = True,

@@ -28,6 +28,7 @@ from probe.errors import ProbeError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 OFFICIAL_TEST = "the data set's test split"
+HELD_OUT = "held out of train by probe fit"  # a data set without a test split
 
 
 class ImageSource(Protocol):

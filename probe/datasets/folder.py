@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from probe.datasets.base import IMAGE_EXTENSIONS, ImageDataset, file_splits
+from probe.datasets.base import HELD_OUT, IMAGE_EXTENSIONS, OFFICIAL_TEST, ImageDataset, file_splits
 from probe.errors import ProbeError
 
 SAMPLE_DIR = Path(__file__).parent / "sample"
@@ -39,7 +39,7 @@ def load_folder(path: Path, name: str) -> ImageDataset:
             raise ProbeError(f"{path}/{split} has no images (extensions: {' '.join(IMAGE_EXTENSIONS)})")
         splits[split] = (paths, labels)
     splits, fingerprint = file_splits(splits, lambda split, f, label: f"{split}/{classes[label]}/{Path(f).name}")
-    return ImageDataset(name, classes, splits, fingerprint)
+    return ImageDataset(name, classes, splits, fingerprint, OFFICIAL_TEST if "test" in splits else HELD_OUT)
 
 
 def load(spec: str, data_dir: Path, download: bool, options: dict) -> ImageDataset:

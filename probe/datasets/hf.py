@@ -4,8 +4,11 @@ A local folder is a `save_to_disk` folder or a folder of data files `datasets.lo
 (parquet, or an image folder); any other name is a hub data set, from the hub cache when offline
 (HF_HUB_OFFLINE=1). The image column is the one whose feature is an Image, the label column the
 ClassLabel one (its names become the class names); `--image-column` and `--label-column` override.
-Training uses the `train` split; evaluation `test`, else `validation` (the first of them whose labels
-are all there); with neither, `probe fit` holds out a test split as for image folders. Images are
+Training uses the `train` split; evaluation `test`, else `validation` (the first of them that has
+labels at all: an unlabelled Kaggle-style test split is passed over); rows of it without a label, or
+with a label no training row has, are left out with a warning that names them, and the protocol says
+so. With neither, `probe fit` holds out a test split as for image folders. A local folder's rows come
+from a `datasets` cache keyed by probe's content fingerprint, never from one kept by modification time. Images are
 decoded from their stored bytes one at a time, in DataLoader workers for large ones.
 """
 
@@ -17,10 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from probe.datasets.base import ImageDataset, Split, decode_image, files_fingerprint, read_image
+from probe.datasets.base import HELD_OUT, ImageDataset, Split, decode_image, files_fingerprint, read_image
 from probe.errors import ProbeError, library_logs_quiet
 
 EVALUATION_SPLITS = ("test", "validation", "valid", "val")
+log = logging.getLogger("probe")
 
 
 class HFImages:
@@ -58,11 +62,18 @@ def load(spec: str, data_dir: Path, download: bool, options: dict) -> ImageDatas
         datasets.disable_progress_bars()
     if path.exists() and not path.is_dir():
         raise ProbeError(f"hf:{name} is a file; give a save_to_disk folder, a folder of data files or a hub name")
+    # A local folder's content fingerprint comes first: datasets' own cache of data files (its Arrow files)
+    # is kept by file name and modification time, so a file replaced with the same time (cp -p, rsync -a)
+    # would give the old rows. Each content gets a cache folder of its own, named by probe's fingerprint.
+    files = _local_files(path) if path.exists() else []
+    content = files_fingerprint([(str(p.relative_to(path)), p) for p in files]) if files else ""
     try:
         with library_logs_quiet():
             if path.exists():
                 saved = (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
-                loaded = datasets.load_from_disk(str(path)) if saved else datasets.load_dataset(str(path), config or None)
+                arrow_cache = Path(datasets.config.HF_DATASETS_CACHE) / "probe" / content
+                loaded = datasets.load_from_disk(str(path)) if saved else \
+                    datasets.load_dataset(str(path), config or None, cache_dir=str(arrow_cache))
                 canonical = f"hf:{path.resolve()}"
             else:
                 loaded = datasets.load_dataset(name, config or None)
@@ -98,18 +109,34 @@ def load(spec: str, data_dir: Path, download: bool, options: dict) -> ImageDatas
         if split not in loaded or (split != "train" and "test" in splits):
             continue
         data = loaded[split]
-        labels = np.asarray(data[label_column] if to_index is None else
-                            [to_index.get(v, -1) for v in data[label_column]], dtype=np.int64)
-        if split != "train" and (labels < 0).any():  # an unlabelled test split (as on Kaggle): try the next one
+        values = data[label_column]
+        unlabelled = np.asarray([v is None or (to_index is None and v == -1) for v in values])
+        labels = np.asarray([-1 if u else v if to_index is None else to_index.get(v, -2)
+                             for v, u in zip(values, unlabelled)], dtype=np.int64)
+        if split == "train":
+            if (labels < 0).any():
+                raise ProbeError(f"hf:{name}: {int((labels < 0).sum())} training rows have no label in {label_column!r}")
+        elif unlabelled.all():  # an unlabelled test split (as on Kaggle): the next one evaluates
             continue
-        if (labels < 0).any():
-            raise ProbeError(f"hf:{name}: {int((labels < 0).sum())} training rows have no label in {label_column!r}")
+        description = f"the Hugging Face data set's {split} split"
         images = data.select_columns([image_column]).cast_column(image_column, datasets.Image(decode=False))
-        splits["train" if split == "train" else "test"] = Split(labels, images=HFImages(images, image_column, split))
-        protocol = protocol if split == "train" else f"the Hugging Face data set's {split} split"
-    fingerprint = _fingerprint(loaded, path, config, image_column, label_column)
+        source = HFImages(images, image_column, split)
+        if split != "train" and (labels < 0).any():
+            # The official split stays the test split: rows without a label, or with one that no training
+            # row has (no head can learn it), are left out, said, and recorded in the protocol.
+            dropped = np.flatnonzero(labels < 0)
+            unseen = sorted({str(values[i]) for i in dropped if labels[i] == -2})
+            log.warning(f"hf:{name}: {len(dropped)} of {len(labels)} {split} rows left out of the test split "
+                        f"(rows {', '.join(map(str, dropped[:8]))}{', ...' if len(dropped) > 8 else ''}): "
+                        + (f"labels not in train: {', '.join(unseen[:8])}" if unseen else "no label"))
+            kept = np.flatnonzero(labels >= 0)
+            labels, source = labels[kept], source.subset(kept)
+            description += f", less {len(dropped)} rows whose label is missing or not in train (rows {_ranges(dropped)})"
+        splits["train" if split == "train" else "test"] = Split(labels, images=source)
+        protocol = protocol if split == "train" else description
+    fingerprint = _fingerprint(loaded, content, config, image_column, label_column)
     canonical += f"@{config}" if config else ""
-    return ImageDataset(canonical, classes, splits, fingerprint, protocol or "held out of train by probe fit")
+    return ImageDataset(canonical, classes, splits, fingerprint, protocol or HELD_OUT)
 
 
 def _column(data, kind, what: str, name: str) -> str:
@@ -122,13 +149,30 @@ def _column(data, kind, what: str, name: str) -> str:
     return found[0]
 
 
-def _fingerprint(loaded, path: Path, config: str, image_column: str, label_column: str) -> str:
+def _local_files(path: Path) -> list[Path]:
+    """A local data set folder's own files: its caches (a `.cache` folder inside it) and locks left out."""
+    return sorted(p for p in path.rglob("*") if p.is_file() and ".cache" not in p.relative_to(path).parts
+                  and not p.name.endswith(".lock"))
+
+
+def _ranges(rows: np.ndarray) -> str:
+    """Row numbers as compact ranges: 3-5, 9."""
+    out, start = [], None
+    for i, r in enumerate(rows):
+        if start is None:
+            start = r
+        if i + 1 == len(rows) or rows[i + 1] != r + 1:
+            out.append(f"{start}" if start == r else f"{start}-{r}")
+            start = None
+    return ", ".join(out)
+
+
+def _fingerprint(loaded, content: str, config: str, image_column: str, label_column: str) -> str:
     """The content of the data set's files (a local folder's own, else the Arrow cache files), its split
     names and the columns chosen."""
     digest = hashlib.sha256(f"{config}\0{image_column}\0{label_column}\0{','.join(loaded)}".encode())
-    if path.exists():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and ".cache" not in p.parts and not p.name.endswith(".lock"))
-        digest.update(files_fingerprint([(str(p.relative_to(path)), p) for p in files]).encode())
+    if content:
+        digest.update(content.encode())
     else:
         cached = sorted({f["filename"] for d in loaded.values() for f in d.cache_files})
         digest.update(files_fingerprint([(Path(f).name, f) for f in cached]).encode())

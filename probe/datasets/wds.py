@@ -2,8 +2,9 @@
 `000123.cls`), the layout large image sets are stored in (ImageNet as `imagenet-train-{0000..1023}.tar`).
 
 PATTERN takes brace ranges and lists (`{0000..1023}`, `{a,b}`) and shell wildcards. The test split is
-`--test-shards PATTERN`, or else the shards the pattern names with `train` replaced by `test` (or `val`)
-and its braces by wildcards (train-{0000..1023}.tar -> test-*.tar), where there are any. A sample's
+`--test-shards PATTERN` (never a training shard), or else the shards the pattern names with `train`
+replaced by `test` (or `val`) in the file name and its braces by wildcards (train-{0000..1023}.tar ->
+test-*.tar), where there are any. A sample's
 image is its first member with an image extension and its label the integer in its `.cls` member;
 class names come from `--class-names FILE` (a JSON list), else a `classes.json` beside the shards,
 else the label numbers.
@@ -30,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from probe import memo
-from probe.datasets.base import ImageDataset, Split, decode_image, files_fingerprint
+from probe.datasets.base import HELD_OUT, ImageDataset, Split, decode_image, files_fingerprint
 from probe.errors import ProbeError
 
 MAX_SHARDS = 1_000_000  # a brace range wider than this is a typo, not a data set
@@ -184,15 +185,20 @@ def load(spec: str, data_dir: Path, download: bool, options: dict) -> ImageDatas
         raise ProbeError(f"wds:{spec}: no shard {missing[0] if missing else spec} (give a pattern of existing tar "
                          "files, e.g. wds:/data/train-{0000..0099}.tar)")
     test_pattern = options.get("test_shards")
-    if test_pattern is None and "train" in spec:  # the naming convention: train -> test or val, any shard count
-        for other in ("test", "val"):
-            candidate = re.sub(r"\{[^{}]*\}", "*", spec.replace("train", other))
+    folder, _, file_part = spec.rpartition("/")
+    if test_pattern is None and "train" in file_part:  # the naming convention, in the file name only (a folder
+        for other in ("test", "val"):                 # named training/ or pretrained_wds/ is not a split name)
+            candidate = (f"{folder}/" if folder else "") + re.sub(r"\{[^{}]*\}", "*", file_part.replace("train", other))
             if expand(candidate):
                 test_pattern = candidate
                 break
     test = expand(test_pattern) if test_pattern else []
     if test_pattern and not test:
         raise ProbeError(f"--test-shards {test_pattern}: no shard matches it")
+    shared = sorted({os.path.realpath(p) for p in train} & {os.path.realpath(p) for p in test})
+    if shared:
+        raise ProbeError(f"the test shards and the training shards share {len(shared)} shard(s) ({shared[0]}, ...): a "
+                         "test split must not hold training images; give --test-shards a pattern of other shards")
     splits, places = {}, []
     for name, shards in (("train", train), ("test", test)):
         if not shards:
@@ -210,7 +216,7 @@ def load(spec: str, data_dir: Path, download: bool, options: dict) -> ImageDatas
         if split.labels.min() < 0 or split.labels.max() >= len(classes):
             raise ProbeError(f"wds:{spec}: {name} labels run {split.labels.min()}..{split.labels.max()}, but there are "
                              f"{len(classes)} class names")
-    protocol = f"the shards of {test_pattern}" if "test" in splits else "held out of train by probe fit"
+    protocol = f"the shards of {test_pattern}" if "test" in splits else HELD_OUT
     canonical = f"wds:{os.path.abspath(os.path.expanduser(spec))}"
     # The class names are the data set's too: new names give another cache (the shards say only numbers).
     fingerprint = hashlib.sha256((files_fingerprint(places) + json.dumps(classes)).encode()).hexdigest()[:16]
