@@ -1,12 +1,20 @@
-"""probe: run a frozen backbone once, cache its features in HDF5, and fit heads on them in seconds."""
+"""probe: run a frozen backbone once, cache its features in HDF5, and fit heads on them in seconds.
 
-from probe.backbones import Preprocess, create_backbone, describe_models, resolve
-from probe.cache import FeatureCache, open_cache
-from probe.datasets import load_dataset
-from probe.errors import ProbeError
-from probe.extract import ExtractResult, extract, resolve_cache
+The names below are imported when first used (`probe.extract` loads torch; `import probe` does not).
+"""
 
-__all__ = [
-    "Preprocess", "create_backbone", "describe_models", "resolve", "FeatureCache", "open_cache",
-    "load_dataset", "ProbeError", "ExtractResult", "extract", "resolve_cache",
-]
+import importlib
+
+_NAMES = {
+    "Preprocess": "probe.backbones", "create_backbone": "probe.backbones", "describe_models": "probe.backbones",
+    "resolve": "probe.backbones", "FeatureCache": "probe.cache", "open_cache": "probe.cache",
+    "load_dataset": "probe.datasets", "ProbeError": "probe.errors", "ExtractResult": "probe.extract",
+    "extract": "probe.extract", "resolve_cache": "probe.keys",
+}
+__all__ = list(_NAMES)
+
+
+def __getattr__(name: str):
+    if name in _NAMES:
+        return getattr(importlib.import_module(_NAMES[name]), name)
+    raise AttributeError(f"module 'probe' has no attribute {name!r}")

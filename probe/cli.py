@@ -123,7 +123,7 @@ def main(ctx, quiet):
       probe finetune --model resnet18 --strategy partial
       probe compare runs/*                         # every run in one table
     """
-    from probe.device import tune_cpu_allocator
+    from probe.device import tune_cpu_allocator  # no torch: --help and the CPU fit never load it
 
     tune_cpu_allocator()  # no kernel churn from large temporary tensors on the CPU
     ctx.obj = {"progress": not quiet}
@@ -214,7 +214,10 @@ def extract(obj, **options):
 @click.option("--train-per-class", type=int, help="A balanced, seeded subset of N training images per class.")
 @click.option("--seed", type=int, help="Seed of the subset, the validation split and torch heads. [default: 0]")
 @click.option("--C", "C", type=float, help="logreg: this regularization strength instead of the sweep.")
-@click.option("--k", type=int, help="knn: neighbours. [default: 20]")
+@click.option("--k", help="knn: neighbours, or several (10,20,100,200): one search, each scored on a validation "
+                         "split of the training images and the best used. [default: 20]")
+@click.option("--temperature", type=float, help="knn: weight each neighbour's vote by exp(similarity / T), as DINOv2 "
+                                                "(T = 0.07). [default: plain votes]")
 @click.option("--epochs", type=int, help="linear/mlp: epochs. [default: 10]")
 @click.option("--views", type=int, help="Train on N augmented views of each image too: with --features, the first N "
                                        "the cache holds [default: all]; else the cache extracted with --views N.")

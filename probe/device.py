@@ -7,19 +7,37 @@ import os
 import re
 import sys
 
-import torch
-
 from probe.errors import ProbeError
 
+# torch is imported by the functions that need it: choosing the CPU, and everything else here, does not.
 
-def resolve_device(device: str = "auto") -> torch.device:
+
+def cuda_available() -> bool:
+    """Whether torch can use a CUDA GPU. Without NVIDIA's device files there is none, and torch is not
+    imported to find that out (a logreg fit on the CPU never loads it)."""
+    if sys.platform == "linux" and not os.path.exists("/dev/nvidiactl") and not os.path.exists("/dev/nvidia0"):
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def device_type(device: str = "auto") -> str:
+    """'cpu' or 'cuda': what `device` resolves to, as a string (no torch import on a machine without CUDA)."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return "cuda" if cuda_available() else "cpu"
     if device not in ("cpu", "cuda"):
         raise ProbeError(f"unknown device {device!r}: choose auto, cpu or cuda")
-    if device == "cuda" and not torch.cuda.is_available():
+    if device == "cuda" and not cuda_available():
         raise ProbeError("--device cuda, but torch sees no CUDA GPU; use --device cpu or auto")
-    return torch.device(device)
+    return device
+
+
+def resolve_device(device: str = "auto"):
+    """The torch.device `device` (auto, cpu or cuda) resolves to."""
+    import torch
+
+    return torch.device(device_type(device))
 
 
 def is_out_of_memory(e: BaseException) -> bool:
@@ -27,7 +45,10 @@ def is_out_of_memory(e: BaseException) -> bool:
 
     A DataLoader worker's failure reaches the main process as a RuntimeError quoting the original.
     """
-    if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
+    if isinstance(e, MemoryError):
+        return True
+    torch = sys.modules.get("torch")  # an error of torch's means torch is loaded
+    if torch is not None and isinstance(e, torch.OutOfMemoryError):
         return True
     return isinstance(e, RuntimeError) and ("can't allocate memory" in str(e) or "out of memory" in str(e))
 

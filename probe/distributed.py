@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 from dataclasses import dataclass
 
 from probe.errors import ProbeError
@@ -70,11 +71,9 @@ def world(device: str = "auto") -> World:
 def close() -> None:
     """Leave the process group (a process exiting with it open aborts in gloo's destructor)."""
     global _WORLD
-    if _WORLD is not None and _WORLD.size > 1:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+    dist = sys.modules.get("torch.distributed")  # loaded by world() when there is a group to leave
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
     _WORLD = None
 
 

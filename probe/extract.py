@@ -8,24 +8,26 @@ import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from filelock import Timeout
 from tqdm.auto import tqdm
 
-from probe.backbones import Preprocess, create_backbone, inner, layer_names, pool_block, resolve, select_layers
-from probe.cache import PartialCache, cache_key, cache_path, open_cache
-from probe.batches import AUGMENTATIONS, augment, center_square, decode_small, iter_batches, recipe
-from probe.datasets import load_dataset
+from probe.backbones import Preprocess, create_backbone, inner, layer_names, pool_block, select_layers
+from probe.cache import PartialCache, open_cache
+from probe.augment import augment
+from probe.keys import identity_of, resolve_cache, resolve_precision  # noqa: F401  (identity_of: the stage's)
 from probe import distributed
-from probe.device import is_out_of_memory, out_of_memory_error, resolve_device
+from probe.device import device_type, is_out_of_memory, out_of_memory_error
 from probe.errors import ProbeError
 from probe.files import lock as file_lock
 from probe.files import make_dir
 
+if TYPE_CHECKING:  # torch is imported where the backbone runs: a cache hit never loads it
+    import torch
+
 log = logging.getLogger("probe")
-DTYPES = ("float32", "float16")
 # How much work a kill can lose at most (plus one batch); the environment variable is for tests.
 SHARD_SECONDS = float(os.environ.get("PROBE_SHARD_SECONDS", 20.0))
 
@@ -37,54 +39,11 @@ class ExtractResult:
     images: int = 0  # images that went through the backbone in this run
     seconds: float = 0.0  # wall time of the backbone passes, data loading included
     forward_seconds: float = 0.0  # time inside the backbone's forward alone
+    first_forward_seconds: float = 0.0  # of which the first batch's (with --compile: the compilation)
 
     @property
     def images_per_second(self) -> float:
         return self.images / self.seconds if self.seconds else 0.0
-
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """The forward pass's arithmetic: auto is float16 autocast on CUDA, float32 on the CPU."""
-    if precision not in PRECISIONS:
-        raise ProbeError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
-    return ("fp16" if device.type == "cuda" else "fp32") if precision == "auto" else precision
-
-
-def resolve_cache(*, model: str = "resnet18", dataset: str = "cifar10", weights: str = "default",
-                  resolution: int | None = None, dtype: str = "float32", data_dir: str = "data",
-                  cache_dir: str = "cache", download: bool = True, views: int = 0, augment: str = "rrc",
-                  pool: str | None = None, layers: str | list[str] | None = None, data_options: dict | None = None,
-                  precision: str = "auto", compile: bool = False, device: str = "auto"):
-    """Load the data set and work out the cache file its features belong in: (dataset, key, path).
-
-    The key is the cache's whole identity (probe.cache.cache_key). data_options: what some data set
-    sources read (image_column, label_column of hf:; test_shards, class_names of wds:)."""
-    spec = resolve(model)
-    pre, pool = spec.preprocess.at(resolution), spec.resolve_pool(pool)
-    if layers:  # the names need the architecture (random init: no download)
-        layers = select_layers(create_backbone(model, "none", pre, pool), layers, spec.name)
-    if dtype not in DTYPES:
-        raise ProbeError(f"unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    if views < 0 or augment not in AUGMENTATIONS or augment == "none":
-        raise ProbeError(f"--views must be 0 or more and --augment one of {', '.join(AUGMENTATIONS[:-1])}, "
-                         f"not {views} and {augment!r}")
-    precision = resolve_precision(precision, resolve_device(device))
-    data = load_dataset(dataset, data_dir=data_dir, download=download, options=data_options)
-    key = cache_key(dataset=data.name, fingerprint=data.fingerprint, protocol=data.protocol, model=spec.name,
-                    family=spec.family, weights=spec.weights_identity(weights), resolution=pre.size,
-                    preprocessing=pre.as_dict(), pool=pool, dtype=dtype, precision=precision, compiled=bool(compile),
-                    views=views, augment=recipe(augment) if views else None, layers=layers or None)
-    return data, key, cache_path(cache_dir, key)
-
-
-def identity_of(*, device: str = "auto", batch_size: int | None = None, num_workers: int | None = None,
-                force: bool = False, **options) -> dict:
-    """The key a `probe extract` with these options would write (nothing is run): resolve_cache's. The
-    options that change no feature (batch size, workers, --force) are taken and left out."""
-    return resolve_cache(**options, device=device)[1]
 
 
 def extract(*, model: str = "resnet18", dataset: str = "cifar10", weights: str = "default",
@@ -109,9 +68,7 @@ def extract(*, model: str = "resnet18", dataset: str = "cifar10", weights: str =
     if batch_size is not None and batch_size < 1:
         raise ProbeError(f"batch size must be positive, not {batch_size}")
     w = distributed.world(device)  # under torchrun: this rank's place; else a world of one
-    dev = resolve_device(device)
-    if dev.type == "cuda" and w.size > 1:
-        dev = torch.device("cuda", w.local_rank)
+    kind = device_type(device)  # torch is loaded only when the backbone runs: a cache hit does not
     data, key, path = resolve_cache(model=model, dataset=dataset, weights=weights, resolution=resolution,
                                     dtype=dtype, data_dir=data_dir, cache_dir=cache_dir, views=views, augment=augment,
                                     pool=pool, layers=layers, data_options=data_options, precision=precision,
@@ -141,7 +98,7 @@ def extract(*, model: str = "resnet18", dataset: str = "cifar10", weights: str =
             raise distributed.shared(decision)
         if decision == "reuse":
             return ExtractResult(path, reused=True)
-        return _run(data, key, path, weights, dev, batch_size or (256 if dev.type == "cuda" else 64),
+        return _run(data, key, path, weights, kind, batch_size or (256 if kind == "cuda" else 64),
                     num_workers, resume=not force, progress=progress and w.main)
     except BaseException:
         # Bad input found before anything was written (weights that do not load, say): leave nothing,
@@ -168,6 +125,8 @@ class Embedder:
 
     def __init__(self, model: str, weights: str, pre: Preprocess, pool: str | None, device: torch.device,
                  layers: str | list[str] | None = None, precision: str = "fp32", compiled: bool = False):
+        import torch
+
         self.pre, self.device = pre, device
         self.precision = resolve_precision(precision, device)
         self.net = create_backbone(model, weights, pre, pool).to(device).to(memory_format=torch.channels_last)
@@ -188,9 +147,10 @@ class Embedder:
             with torch.inference_mode():  # widths from one small pass
                 self.net(probe_image.contiguous(memory_format=torch.channels_last))
             self.layer_dims = {name: self._pooled[name].shape[1] for name in self.layers}
-        self.forward = self.net
-        if compiled:
+        self.forward, self.compiled, self.compiled_batch = self.net, compiled, 0
+        if compiled:  # the first batch's size is the compiled one; shorter batches are padded to it
             self.forward = _compile(self.net)
+        self.calls, self.first_forward_seconds = 0, 0.0
         self.mean = torch.tensor(pre.mean, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(pre.std, device=device).view(1, 3, 1, 1) * 255
         self.forward_seconds = 0.0  # time spent in the backbone itself
@@ -199,6 +159,8 @@ class Embedder:
     def in_pieces(self, images: torch.Tensor) -> torch.Tensor:
         """self(images), or, when the batch does not fit in memory, in halves (down to single images);
         later batches keep the size that fitted. The features do not depend on the batch size."""
+        import torch
+
         piece = min(len(images), self.max_batch)
         try:
             if piece == len(images):  # the usual case: one pass, no concatenation
@@ -208,30 +170,49 @@ class Embedder:
             if not is_out_of_memory(e) or piece == 1:
                 raise
         self.max_batch = max(1, piece // 2)
+        self.compiled_batch = 0  # compiled again for the smaller batch
         log.warning(f"out of memory with {piece} images per forward pass; retrying with {self.max_batch}")
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         return self.in_pieces(images)
 
-    @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        with torch.inference_mode():
+            return self._forward(images)
+
+    def _forward(self, images):
+        import torch
+
         x = ((images - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+        n = len(x)
+        if self.compiled_batch and n < self.compiled_batch:  # a short last batch, padded: no recompilation
+            x = torch.cat([x, x.new_zeros(self.compiled_batch - n, *x.shape[1:])]).contiguous(memory_format=torch.channels_last)
         t = time.perf_counter()
-        with torch.autocast(self.device.type, dtype=AUTOCAST[self.precision], enabled=self.precision != "fp32"):
-            features = self.forward(x).float()
+        with torch.autocast(self.device.type, dtype=getattr(torch, AUTOCAST[self.precision]),
+                            enabled=self.precision != "fp32"):
+            features = self.forward(x).float()[:n]
         if self.layers:
-            features = torch.cat([features, *(self._pooled.pop(name) for name in self.layers)], 1)
+            features = torch.cat([features, *(self._pooled.pop(name)[:n] for name in self.layers)], 1)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-        self.forward_seconds += time.perf_counter() - t
+        seconds = time.perf_counter() - t
+        if not self.calls:
+            self.first_forward_seconds = seconds  # with --compile: the compilation
+        self.calls += 1
+        self.compiled_batch = self.compiled_batch or (len(x) if self.compiled else 0)
+        self.forward_seconds += seconds
         return features
 
 
-AUTOCAST = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+AUTOCAST = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # torch dtypes by name
 
 
 def _compile(net):
     """torch.compile of a frozen network; a one-line error where the machine cannot compile."""
+    import torch
+
     try:
         return torch.compile(net, dynamic=False)
     except Exception as e:  # no compiler, an unsupported platform
@@ -239,11 +220,16 @@ def _compile(net):
                          f"{str(e).splitlines()[0] if str(e) else ''}); run without --compile") from None
 
 
-def _run(data, key, path, weights, dev, batch_size, num_workers, resume, progress) -> ExtractResult:
+def _run(data, key, path, weights, kind, batch_size, num_workers, resume, progress) -> ExtractResult:
     """Every rank runs the backbone over its own rows of every pass (the split, then each augmented view
     of the training images) and writes shards; rank 0 then assembles the HDF5 file. With one process,
     its rows are all of them."""
+    import torch
+
+    from probe.batches import decode_small, iter_batches
+
     w = distributed.current()
+    dev = torch.device("cuda", w.local_rank) if kind == "cuda" else torch.device("cpu")
     pre = Preprocess.from_dict(key["preprocessing"], key["resolution"])
     embed = Embedder(key["model"], weights, pre, key["pool"], dev, layers=key.get("layers"), precision=key["precision"],
                      compiled=key["compile"])
@@ -326,7 +312,7 @@ def _run(data, key, path, weights, dev, batch_size, num_workers, resume, progres
         if failures or error is not None:
             raise distributed.shared(ProbeError(failures[0] if failures else str(error)))
     result.seconds = time.perf_counter() - t0
-    result.forward_seconds = embed.forward_seconds
+    result.forward_seconds, result.first_forward_seconds = embed.forward_seconds, embed.first_forward_seconds
     published = None
     if w.main:
         try:
@@ -360,12 +346,16 @@ def view_generator(view: int, row: int) -> torch.Generator:
     """The generator image `row` of view `view` draws its crop from: a function of (view, row) alone, so a
     view is the same whatever the batch, the rank or a resume (SeedSequence mixes the three numbers;
     torch's generator keeps only 32 bits of a seed)."""
+    import torch
+
     seed = int(np.random.SeedSequence((VIEW_SEED, view, row)).generate_state(1)[0])
     return torch.Generator().manual_seed(seed)
 
 
 def _view_transform(pre: Preprocess, kind: str, view: int):
     """The augmentation of view `view` for a batch whose first image is row `row`."""
+    from probe.batches import center_square
+
     # Square first (small images arrive at their own size), so a view crops the frame the plain features show.
     return lambda images, row: augment(center_square(images), pre, kind,
                                        [view_generator(view, row + i) for i in range(len(images))])

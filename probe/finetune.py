@@ -25,7 +25,8 @@ from torch import nn
 
 from probe import identity
 from probe.backbones import create_backbone, hash_file, partial_prefixes, resolve
-from probe.batches import AUGMENTATIONS, augment, decode_small, iter_batches, recipe
+from probe.augment import AUGMENTATIONS, augment, recipe
+from probe.batches import decode_small, iter_batches
 from probe.datasets import ImageDataset, Split, load_dataset
 from probe.preprocess import Preprocess, resize_center_crop
 from probe.errors import ProbeError

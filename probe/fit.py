@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import confusion_matrix
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
@@ -24,7 +23,7 @@ from probe.backbones import resolve, weights_identity
 from probe.cache import FeatureCache, open_cache
 from probe.device import format_bytes, resident_bytes
 from probe.errors import ProbeError
-from probe.extract import resolve_cache
+from probe.keys import resolve_cache
 from probe.heads import make_head, rank_classes
 from probe.rows import Rows, parse_bytes
 from probe.runs import HEAD_FORMAT, folder_name, save_run
@@ -124,7 +123,8 @@ def fit(*, reuse: bool = False, **options) -> FitResult:
 def prepare(*, head: str = "logreg", features: str | None = None, model: str | None = None, dataset: str = "cifar10",
             weights: str = "default", resolution: int | None = None, dtype: str = "float32", data_dir: str = "data",
             cache_dir: str = "cache", out: str | None = None, classes: list[str] | str | None = None,
-            train_per_class: int | None = None, seed: int = 0, C: float | None = None, k: int | None = None,
+            train_per_class: int | None = None, seed: int = 0, C: float | None = None, k: int | str | None = None,
+            temperature: float | None = None,
             epochs: int | None = None, device: str = "auto", runs_dir: str = "runs",
             test_fraction: float | None = None, class_weight: str | None = None, views: int | None = None,
             augment: str = "rrc", precision: str = "auto", compile: bool = False,
@@ -170,13 +170,17 @@ def prepare(*, head: str = "logreg", features: str | None = None, model: str | N
     streamed = w.size > 1 or (budget is not None and 3 * train.nbytes() + test.nbytes() > budget)
     if w.size > 1 and head not in ("logreg", "knn"):
         raise ProbeError(f"under torchrun, fit distributes logreg and knn; run --head {head} without torchrun")
-    for value, what in ((C, "--C"), (epochs, "--epochs"), (k, "--k")):
+    k = _ks(k)
+    for value, what in ((C, "--C"), (epochs, "--epochs"), (temperature, "--temperature"),
+                        *((v, "--k") for v in (k if isinstance(k, tuple) else [k]))):
         if value is not None and not (np.isfinite(value) and value > 0):
             raise ProbeError(f"{what} must be a positive finite number, not {value}")
+    if (temperature is not None or isinstance(k, tuple)) and head != "knn":
+        raise ProbeError("--temperature and several --k are for --head knn")
     if class_weight is not None and head == "knn":
         raise ProbeError("--class-weight applies to logreg, linear and mlp, not knn (its votes are unweighted)")
     params = {"logreg": {"C": C, "random_state": seed, "device": device, "class_weight": class_weight},
-              "knn": {"k": k, "device": device},
+              "knn": {"k": k, "temperature": temperature, "random_state": seed, "device": device},
               "linear": {"epochs": epochs, "random_state": seed, "device": device, "class_weight": class_weight},
               "mlp": {"epochs": epochs, "random_state": seed, "device": device, "class_weight": class_weight}
               }.get(head, {})
@@ -198,6 +202,19 @@ def prepare(*, head: str = "logreg", features: str | None = None, model: str | N
     out_dir = Path(out) if out else Path(runs_dir) / folder_name(readable, spec)
     return Prepared(cache, p, head, estimator, layer, int(n_views), train, test, streamed, spec, out_dir,
                     parse_bytes(max_memory), weights_source(cache, weights))
+
+
+def _ks(k: int | str | None):
+    """--k as given: None, one number, or several ("10,20,100,200") as a sorted tuple."""
+    if k is None or isinstance(k, int):
+        return k
+    try:
+        ks = sorted({int(v) for v in str(k).split(",") if v.strip()})
+    except ValueError:
+        raise ProbeError(f"--k {k!r}: give a number of neighbours or several, such as 10,20,100,200") from None
+    if not ks:
+        raise ProbeError(f"--k {k!r}: give a number of neighbours or several, such as 10,20,100,200")
+    return ks[0] if len(ks) == 1 else tuple(ks)
 
 
 def identity_of(**options) -> dict:
@@ -228,6 +245,12 @@ def run(prep: Prepared) -> FitResult:
     else:
         probabilities = pipeline.predict_proba(test.load())
     ranked = rank_classes(probabilities)  # the ranking predict uses: column 0 is the prediction
+    per_k = None
+    if head == "knn" and estimator.k_sweep_:  # one search of the test rows gives every k's accuracy
+        scaled = test.chunks(every_rank=True) if prep.streamed else [(test.load(), None)]
+        found = [estimator.predict_proba_per_k(X) for X, _ in scaled]
+        per_k = {str(k): float((pipeline.classes_[rank_classes(np.concatenate([f[k] for f in found]))[:, 0]] == yt).mean())
+                 for k in found[0]}
     predicted = pipeline.classes_[ranked[:, 0]]
     per_class = {n: float((predicted[yt == i] == i).mean()) if (yt == i).any() else None for i, n in enumerate(names)}
     key, layer = cache.key, prep.layer
@@ -245,8 +268,10 @@ def run(prep: Prepared) -> FitResult:
         if len(names) > 5 else None,
         # A class with no test image has no accuracy: null (JSON has no NaN), and listed by name.
         "per_class_accuracy": per_class,
+        **({"test_accuracy_per_k": per_k} if per_k else {}),
         "classes_without_test_images": [n for i, n in enumerate(names) if not (yt == i).any()],
-        "confusion_matrix": confusion_matrix(yt, predicted, labels=range(len(names))).tolist(),
+        "confusion_matrix": np.bincount(yt * len(names) + predicted, minlength=len(names) ** 2)
+        .reshape(len(names), len(names)).tolist(),  # rows: true class, columns: predicted
         "hyperparameters": _hyperparameters(pipeline), "train_per_class": prep.identity["train_per_class"],
         "seed": prep.identity["seed"],
         "trainable_parameters": _n_parameters(pipeline), "fit_seconds": fit_seconds, "wall_seconds": fit_seconds,
@@ -267,7 +292,7 @@ def run(prep: Prepared) -> FitResult:
 def _fit_streamed(estimator, head: str, train: Rows, groups: np.ndarray | None):
     """Fit on rows read a chunk at a time: the scaler from summed moments, then the head on scaled chunks."""
     if head == "knn":  # normalizes itself; keeps a reference to the rows, not the rows
-        return make_pipeline(estimator.fit_chunks(train, train.labels, train.dim))
+        return make_pipeline(estimator.fit_chunks(train, train.labels, train.dim, groups))
     scaler = _streamed_scaler(train)
 
     def chunks(keep=None):
@@ -326,6 +351,11 @@ def weights_source(cache: FeatureCache, weights_option: str | None = None) -> st
 def _hyperparameters(pipeline) -> dict:
     head = pipeline[-1] if isinstance(pipeline, Pipeline) else pipeline
     hp = {k: v for k, v in head.get_params().items() if isinstance(v, (int, float, str, bool, type(None)))}
+    if hasattr(head, "k_"):
+        hp["k"] = list(head.k) if isinstance(head.k, tuple) else head.k
+        hp["k_chosen"] = head.k_
+        hp["k_from"] = "validation" if head.k_sweep_ else "--k"
+        hp["k_sweep"] = [{"k": k, "val_accuracy": a} for k, a in head.k_sweep_]
     if hasattr(head, "C_"):
         hp["C_chosen"] = head.C_
         hp["C_from"] = "sweep" if head.sweep_ else ("--C" if head.C is not None else "default: too few samples to sweep")

@@ -11,9 +11,6 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, replace
 
-import torch
-import torch.nn.functional as F
-
 from probe.errors import ProbeError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -63,13 +60,15 @@ class Preprocess:
 
 
 
-def resize_center_crop(images: torch.Tensor, pre: Preprocess) -> torch.Tensor:
+def resize_center_crop(images, pre: Preprocess):
     """Apply `pre`'s resize and center crop to float images [N, 3, H, W] in 0..255.
 
     Sizes and crop offsets are computed as torchvision's Resize(int) and CenterCrop compute them;
     resampling is torch's antialiased kernel (PIL's, for downscaling and upscaling alike), and
     bicubic results are clamped to 0..255 as an 8-bit PIL image would be.
     """
+    import torch.nn.functional as F
+
     h, w = images.shape[-2:]
     if pre.mode == "squash":
         nh = nw = pre.resize

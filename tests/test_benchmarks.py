@@ -27,7 +27,9 @@ def test_speedup_smoke(tmp_path):
     assert len(r["baseline"]["history"]) == 2 and r["probe"]["extract_seconds"] > 0
     assert r["speedup"]["later_experiment_logreg"] > 0 and r["machine"]["cores"] >= 1
     assert set(r["targets_met"]) == {"first_experiment_at_least_10x", "later_experiment_at_least_500x",
-                                     "logreg_within_0.5_points_or_better"}
+                                     "logreg_within_0.5_points_or_better", "later_experiment_whole_process_at_least_100x",
+                                     "fit_logreg_process_at_most_1.5x_import_torch"}
+    assert r["baseline"]["process_seconds"] > r["baseline"]["seconds"] > 0 and r["probe"]["shell_seconds"]["extract"] > 0
 
 
 def test_heads_smoke(tmp_path, sample_cache):
@@ -125,3 +127,30 @@ def test_wds_reader_smoke(tmp_path):
     wds_reader.main(["--data", str(SAMPLE_DIR), "--images", "300", "--repeats", "1", "--out", str(out)])
     r = json.loads(out.read_text())
     assert r["settings"]["shards"] == 1 and set(r["images_per_second"]) == {"probe", "webdataset"}
+
+
+def test_startup_smoke(tmp_path, sample_cache):
+    import startup
+
+    out = tmp_path / "startup.json"
+    startup.main(["--repeats", "1", "--features", str(sample_cache), "--commands", "probe --help,probe fit --help",
+                  "--out", str(out)])
+    r = json.loads(out.read_text())
+    commands = [row["command"] for row in r["rows"]]
+    assert commands[:2] == ["probe --help", "probe fit --help"] and commands[-1].startswith("probe fit --head")
+    assert r["python_import_torch_seconds"] > 0 and set(r["targets_met"]) == {
+        "every_help_at_most_0.15x_import_torch", "fit_logreg_process_at_most_1.5x_import_torch"}
+
+
+def test_precision_smoke(tmp_path):
+    import precision
+
+    out = tmp_path / "precision.json"
+    precision.main(["--data", str(SAMPLE_DIR), "--models", "resnet18", "--configs", "fp32,bf16",
+                    "--throughput-per-class", "2", "--accuracy-configs", "fp32,bf16", "--train-per-class", "5",
+                    "--test-per-class", "2", "--resolution", "32", "--accuracy-model", "resnet18", "--accuracy-weights",
+                    "none", "--in-process", "--out", str(out)])
+    r = json.loads(out.read_text())
+    assert [row["config"] for row in r["rows"]] == ["fp32", "bf16"] and r["rows"][0]["forward_speedup_over_fp32"] == 1
+    assert all(row["multiply_adds_per_image"] > 0 and row["share_of_matmul_rate"] > 0 for row in r["rows"])
+    assert [a["config"] for a in r["accuracy"]] == ["fp32", "bf16"] and r["accuracy"][0]["points_from_fp32"] == 0

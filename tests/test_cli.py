@@ -69,3 +69,61 @@ def test_finetune_options(run_cli, tmp_path):
     assert result.exit_code == 0, result.output
     m = json.loads(result.stdout)
     assert [h["stage"] for h in m["history"]] == ["lp", "ft", "ft"] and m["hyperparameters"]["init_head"]
+
+
+def test_help_loads_no_torch_and_a_cpu_logreg_fit_neither(sample_cache, tmp_path):
+    """What keeps the command line fast (issue 22): --help imports neither torch nor scikit-learn, and a
+    logreg fit on the CPU runs without torch (numpy and scipy's L-BFGS-B)."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+from probe.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit as e:
+    assert e.code == 0, e.code
+print(sorted(m for m in ("torch", "sklearn", "timm", "torchvision") if m in sys.modules))
+"""
+    for args in (["--help"], ["fit", "--help"], ["extract", "--help"], ["finetune", "--help"]):
+        done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+        assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == "[]", (args, done.stdout, done.stderr)
+    done = subprocess.run([sys.executable, "-c", code, "-q", "fit", "--features", str(sample_cache), "--head", "logreg",
+                           "--device", "cpu", "--out", str(tmp_path / "run")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "['sklearn']" and (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_every_command_line_in_the_docs_parses():
+    """The command examples of README.md and docs/*.md name commands and options that exist (click parses
+    each one as the shell would split it; nothing runs)."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    import click
+
+    from probe.cli import main
+
+    root = Path(__file__).resolve().parent.parent
+    lines = []
+    for page in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        for block in re.findall(r"```(?:bash)?\n(.*?)```", page.read_text(), flags=re.S):
+            for line in block.replace("\\\n", " ").splitlines():  # continued lines joined
+                line = line.split("  #")[0].strip()
+                if line.startswith("probe ") or " -m probe " in line:
+                    lines.append((page.name, line))
+    assert len(lines) >= 10
+    for page, line in lines:
+        words = shlex.split(line.split(" -m probe ", 1)[-1] if " -m probe " in line else line[len("probe "):])
+        group, words = main, [w for w in words if w not in ("-q", "--quiet", "...")]  # "...": "and the rest"
+        while isinstance(group, click.Group) and words and words[0] in group.commands:
+            group, words = group.commands[words[0]], words[1:]
+        assert not isinstance(group, click.Group), (page, line)
+        try:
+            group.make_context(group.name, list(words), resilient_parsing=False)
+        except click.exceptions.Exit:
+            pass
+        except click.UsageError as e:
+            raise AssertionError(f"{page}: {line}: {e}") from None

@@ -17,7 +17,7 @@ from conftest import assert_one_line_error, copy_sample, write_image
 from probe.cache import open_cache
 from probe.preprocess import Preprocess
 from probe.datasets import SAMPLE_DIR, load_dataset
-from probe.batches import augment
+from probe.augment import augment
 from probe.datasets import load_dataset
 from probe.finetune import _load
 from probe.fit import fit

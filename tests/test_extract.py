@@ -67,7 +67,8 @@ def test_mixed_sizes_and_modes_go_through_both_image_paths(mixed_folder, tmp_pat
 
 def test_small_images_give_the_same_features_through_the_array_and_the_worker_path(tmp_path):
     from probe.batches import decode_small, iter_batches
-    from probe.extract import Embedder, resolve_device
+    from probe.device import resolve_device
+    from probe.extract import Embedder
     from probe.preprocess import Preprocess
 
     split = load_dataset("sample").splits["test"]

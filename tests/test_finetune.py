@@ -10,7 +10,7 @@ from PIL import Image
 from conftest import assert_one_line_error, copy_sample
 from probe.errors import ProbeError
 from probe.preprocess import Preprocess
-from probe.batches import augment
+from probe.augment import augment
 from probe.finetune import Classifier, finetune, set_trainable, train_mode
 
 
@@ -117,7 +117,7 @@ def test_augment_draws_and_crops_as_torchvision_does(size):
     as torchvision's own transforms on those boxes (crops inside the image; RandomCrop's zero padding)."""
     from torchvision.transforms import v2
 
-    from probe.batches import CROP_PADDING, RRC_RATIO, RRC_SCALE, crop_resize, draw_box
+    from probe.augment import CROP_PADDING, RRC_RATIO, RRC_SCALE, crop_resize, draw_box
 
     h, w = size
     image = torch.rand(3, h, w, generator=torch.Generator().manual_seed(1)) * 255

@@ -71,6 +71,29 @@ def test_logreg_sweep_picks_the_best_validated_C(features):
     assert len(tried) >= 3 and list(tried) == sorted(tried)
 
 
+def test_weighted_knn_is_dinov2s_rule_and_several_k_are_chosen_on_validation():
+    """exp(similarity / T) votes of the k most cosine-similar rows (DINOv2's knn eval), computed directly;
+    several k come from one search and the best on a validation split of the training rows is used."""
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((120, 8)).astype(np.float32)
+    y = (X[:, 0] + 0.3 * rng.standard_normal(120) > 0).astype(int)
+    Q = rng.standard_normal((15, 8)).astype(np.float32)
+    knn = CosineKNN(k=7, temperature=0.07, device="cpu").fit(X, y)
+    n = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
+    sims = n(Q) @ n(X).T
+    expected = np.zeros((len(Q), 2))
+    for i, row in enumerate(sims):
+        top = np.argsort(-row)[:7]
+        np.add.at(expected[i], y[top], np.exp(row[top] / 0.07))
+    np.testing.assert_allclose(knn.predict_proba(Q), expected / expected.sum(1, keepdims=True), rtol=1e-4, atol=1e-6)
+    several = CosineKNN(k=(1, 5, 50), temperature=0.07, device="cpu").fit(X, y)
+    assert [k for k, _ in several.k_sweep_] == [1, 5, 50] and several.k_ == max(several.k_sweep_, key=lambda p: p[1])[0]
+    per_k = several.predict_proba_per_k(Q)
+    np.testing.assert_allclose(per_k[several.k_], several.predict_proba(Q))
+    np.testing.assert_allclose(per_k[5], CosineKNN(k=5, temperature=0.07, device="cpu").fit(X, y).predict_proba(Q),
+                               rtol=1e-5)
+
+
 def test_knn_votes_of_its_neighbours():
     X = np.array([[1, 0], [0.9, 0.1], [0, 1], [0.1, 0.9], [0.2, 1.0]], dtype=np.float32)
     y = np.array(["a", "a", "b", "b", "b"])

@@ -145,6 +145,7 @@ def variants(w) -> dict[str, dict[str, tuple[list, list]]]:
         "seed": (f, [*f, "--seed", "1"]),
         "C": (f, [*f, "--C", "0.5"]),
         "k": ([*f, "--head", "knn"], [*f, "--head", "knn", "--k", "2"]),
+        "temperature": ([*f, "--head", "knn"], [*f, "--head", "knn", "--temperature", "0.07"]),
         "epochs": ([*f, "--head", "linear"], [*f, "--head", "linear", "--epochs", "3"]),
         "class_weight": (f, [*f, "--class-weight", "balanced"]),
         "test_fraction": (held, [*held, "--test-fraction", "0.4"]),

