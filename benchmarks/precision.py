@@ -5,8 +5,10 @@ the machine's limit (multiply-adds per second against a large matmul's, per prec
     python benchmarks/precision.py --data /tmp/cifar10-jpeg
 
 Throughput: each configuration is one fresh process extracting the same images (random init:
-throughput does not depend on the weights), alternating configurations; the forward rate excludes the
-first batch (with --compile, the compilation), the end-to-end rate includes everything.
+throughput does not depend on the weights), alternating configurations. Three rates: the forward pass
+after the first batch (with --compile, the compilation); the extraction's own images/s, as `probe
+extract` reports it (decode, resize, forward, shards; a compilation included), which the target is
+on; and end to end (the model build, the file listing and the HDF5 assembly too).
 Accuracy: efficientnet_lite0 with its real weights on a 5,000 / 1,000 subset of the JPEG CIFAR-10 at
 224, features of each precision fitted by the same logreg (its C sweep).
 Target: at least 1.5x eager float32's images/s for resnet18 and efficientnet_lite0 at 224, at an
@@ -75,7 +77,7 @@ def multiply_adds(model: str, resolution: int) -> int:
     return counter.get_total_flops() // 2
 
 
-def matmul_rate(precision: str, n: int = 2048, repeats: int = 3) -> float:
+def matmul_rate(precision: str, n: int = 4096, repeats: int = 3) -> float:
     """Multiply-adds per second of an n x n matmul in `precision` on this CPU (best of `repeats`; fp16,
     which CPUs without AVX-512 FP16 run far slower, at n / 4)."""
     n = n // 4 if precision == "fp16" else n
@@ -128,15 +130,18 @@ def main(argv=None):
                           if r["images"] > batch else r["images"] / r["forward_seconds"])
                 rows.append({"model": model, "config": config, "precision": precision, "compile": compiled,
                              "resolution": args.resolution, **r, "images_per_second_end_to_end": r["images"] / r["wall_seconds"],
+                             "images_per_second": r["images"] / r["loop_seconds"],
                              "forward_images_per_second": steady, "multiply_adds_per_image": macs,
                              "share_of_matmul_rate": macs * steady / rates[precision]})
-                print(f"{model} {config}: forward {steady:.1f} images/s, end to end "
+                print(f"{model} {config}: forward {steady:.1f} images/s, extraction {rows[-1]['images_per_second']:.1f}/s, "
+                      f"end to end "
                       f"{rows[-1]['images_per_second_end_to_end']:.1f}/s, {rows[-1]['share_of_matmul_rate']:.1%} of "
                       f"the {precision} matmul rate")
         fp32 = {r["model"]: r for r in rows if r["config"] == "fp32"}
         for r in rows:
             r["forward_speedup_over_fp32"] = r["forward_images_per_second"] / fp32[r["model"]]["forward_images_per_second"]
             r["end_to_end_speedup_over_fp32"] = fp32[r["model"]]["wall_seconds"] / r["wall_seconds"]
+            r["speedup_over_fp32"] = r["images_per_second"] / fp32[r["model"]]["images_per_second"]
 
         subset = folder_subset(args.data, tmp / "accuracy", {"train": args.train_per_class, "test": args.test_per_class})
         from probe.fit import fit
@@ -155,12 +160,13 @@ def main(argv=None):
         a["points_from_fp32"] = 100 * (a["test_accuracy"] - base)
     targets = {}
     for model in args.models.split(","):
-        best = max((r for r in rows if r["model"] == model and r["config"] != "fp32"),
-                   key=lambda r: r["end_to_end_speedup_over_fp32"])
+        # The extraction's own images/s (what `probe extract` prints: decoding, resizing, the forward pass and
+        # the shards; a compilation included), not the model build and file assembly around it.
+        best = max((r for r in rows if r["model"] == model and r["config"] != "fp32"), key=lambda r: r["speedup_over_fp32"])
         close = next((a for a in accuracy if a["config"] == best["config"]), None)
-        targets[f"{model}_{args.resolution}_at_least_1.5x_fp32"] = best["end_to_end_speedup_over_fp32"] >= 1.5
-        if close is not None and model == args.accuracy_model:
-            targets[f"{model}_{best['config']}_within_0.3_points_of_fp32"] = abs(close["points_from_fp32"]) <= 0.3
+        targets[f"{model}_{args.resolution}_at_least_1.5x_fp32"] = best["speedup_over_fp32"] >= 1.5
+        if close is not None and model == args.accuracy_model:  # an accuracy loss of at most 0.3 points
+            targets[f"{model}_{best['config']}_at_most_0.3_points_below_fp32"] = close["points_from_fp32"] >= -0.3
     write_result("precision", {
         "settings": {"data": str(args.data), "models": args.models, "resolution": args.resolution,
                      "in_process": args.in_process,

@@ -232,6 +232,9 @@ def extract(obj, **options):
 @click.option("--max-memory", help="A cap on the whole process's memory (2GB, 512MB), what probe and its libraries "
                                     "hold included; a fit that would pass it reads the cache a chunk at a time. "
                                     "[default: no limit]")
+@click.option("--calibrate", type=click.Choice(["temperature"]),
+              help="Hold out 20% of the training images and fit one temperature on them, which scales the head's "
+                   "probabilities (metrics.json: calibration before and after; probe predict uses it).")
 @click.option("--device", help="auto, cpu or cuda. [default: auto]")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics JSON.")
 @_errors_to_exit_codes
@@ -254,10 +257,19 @@ def _print_metrics(out, m, as_json):
         return
     hp = m.get("hyperparameters", {})
     extra = f", C={hp['C_chosen']:.3g} ({hp['C_from']})" if "C_chosen" in hp else ""
-    scores = "".join(f", {label} {m[key]:.2%}" for key, label in (("balanced_accuracy", "balanced"),
-                                                                  ("top5_accuracy", "top-5")) if m.get(key) is not None)
-    click.echo(f"{m['method']} on {m['model']}: test accuracy {m['test_accuracy']:.2%}{scores} "
+    from probe.compare import with_interval
+
+    scores = "".join(f", {label} {with_interval(m, key)}" for key, label in (("balanced_accuracy", "balanced"),
+                                                                            ("top5_accuracy", "top-5"))
+                     if m.get(key) is not None)
+    click.echo(f"{m['method']} on {m['model']}: test accuracy {with_interval(m, 'test_accuracy')}{scores} "
                f"({m['n_train']} train, {m['n_test']} test, {m['wall_seconds']:.1f} s{extra})")
+    if m.get("calibration") and "ece" in m["calibration"]:
+        c = m["calibration"]
+        before = m.get("temperature_scaling", {}).get("before")
+        click.echo(f"calibration: ECE {c['ece']:.3f}, NLL {c['nll']:.3f}, Brier {c['brier']:.3f}"
+                   + (f" (before temperature {m['temperature_scaling']['temperature']:.2f}: ECE {before['ece']:.3f})"
+                      if before else ""))
     if m.get("classes_without_test_images"):
         click.echo(f"note: no test images of {', '.join(m['classes_without_test_images'])}: "
                    "their per-class accuracy is null in metrics.json")
@@ -420,6 +432,31 @@ def depth(obj, caches, **options):
 
 
 @main.command()
+@click.argument("caches", nargs=-1, type=click.Path())
+@click.option("--head", help="Comma-separated heads: logreg, linear, mlp, knn. [default: logreg]")
+@click.option("--shots", help="Labelled training images per class, and/or all. [default: 1,2,4,8,16,all]")
+@click.option("--seeds", type=int, help="Episodes (seeds 0..N-1) per number of images; all is fitted once. [default: 5]")
+@click.option("--layer", help="Fit on this layer of caches extracted with --layers. [default: the final feature]")
+@click.option("--runs-dir", help="Where the episodes' fits go (and are reused from). [default: runs]")
+@click.option("--out", help="Folder for curve.json, curve.csv, curve.md and curve.png. [default: runs/curve]")
+@click.option("--device", help="auto, cpu or cuda. [default: auto]")
+@click.pass_obj
+@_errors_to_exit_codes
+def curve(obj, caches, head, **options):
+    """The data-efficiency curve: for each cache and head, few-shot episodes of k images per class over
+    seeds (the same images for every model, layer and head on a data set), each scored on the full test
+    split; a table with mean, spread and interval over seeds, and a chart against k (log scale)."""
+    from probe.curve import curve as run
+
+    heads = [h.strip() for h in head.split(",") if h.strip()] if head else None
+    result = run(list(caches), **_kwargs(heads=heads, **options), progress=obj["progress"])
+    from probe.curve import table_markdown
+
+    click.echo(table_markdown(result), nl=False)
+    click.echo(f"saved {options.get('out') or 'runs/curve'}/curve.json, curve.csv, curve.md, curve.png")
+
+
+@main.command()
 @click.argument("runs", nargs=-1, required=True, type=click.Path())
 @click.option("--out", help="Folder for compare.csv and compare.md (suite.* with --pivot). [default: runs/compare]")
 @click.option("--plot", help="Folder for accuracy.png and curves.png.")
@@ -428,20 +465,25 @@ def depth(obj, caches, **options):
                                             "that differ in any option are separate rows, labelled by what differs.")
 @click.option("--merge", is_flag=True, help="--pivot: one row per model and head whatever else differs; each cell "
                                             "shows its newest run and the table notes what was merged.")
+@click.option("--paired", is_flag=True, help="Each run against the first on the same test images: the accuracy "
+                                             "difference, its paired bootstrap 95% interval, McNemar's exact p.")
 @_errors_to_exit_codes
-def compare(runs, out, plot, pivot, merge):
+def compare(runs, out, plot, pivot, merge, paired):
     """Merge the metrics of runs (fits and fine-tunes) into one table; --plot draws the charts."""
     from probe.compare import compare as run
     from probe.compare import compare_pivot
 
     if pivot:
+        if paired:
+            raise ProbeError("--pivot marks, per data set, the cells not significantly below the best already; "
+                             "--paired is for runs compared with the first")
         if plot:
             raise ProbeError("--pivot draws its heatmap (suite.png) in --out; --plot is for the per-run charts")
         _, text = compare_pivot(list(runs), **_kwargs(out=out), merge=merge)
     else:
         if merge:
             raise ProbeError("--merge is for --pivot tables")
-        _, text = run(list(runs), **_kwargs(out=out, plot=plot))
+        _, text = run(list(runs), **_kwargs(out=out, plot=plot), paired_with_first=paired)
     click.echo(text, nl=False)
 
 

@@ -12,9 +12,11 @@ from pathlib import Path
 
 from probe import identity
 from probe.errors import ProbeError
-from probe.files import atomic_write, make_dir
+from probe.files import atomic_write, make_dir, save_png
 
-COLUMNS = ("method", "model", "resolution", "trainable_parameters", "n_train", "test_accuracy", "wall_seconds")
+COLUMNS = ("method", "model", "resolution", "trainable_parameters", "n_train", "test_accuracy", "test_accuracy_low",
+           "test_accuracy_high", "ece", "wall_seconds")
+SHOWN = ("method", "model", "resolution", "trainable_parameters", "n_train", "test_accuracy", "ece", "wall_seconds")
 
 
 def load_metrics(paths: list[str | os.PathLike]) -> list[dict]:
@@ -43,53 +45,110 @@ def load_metrics(paths: list[str | os.PathLike]) -> list[dict]:
     return runs
 
 
+def with_interval(m: dict, key: str = "test_accuracy") -> str:
+    """`72.40% ± 3.0`: a metric and the half-width of its 95% interval in points (runs of probe 0.3 have none)."""
+    value, interval = m.get(key), (m.get("intervals") or {}).get(key)
+    if value is None:
+        return "-"
+    if not interval:
+        return f"{value:.2%}"
+    return f"{value:.2%} ± {100 * (interval[1] - interval[0]) / 2:.1f}"
+
+
 def table(runs: list[dict]) -> list[dict]:
-    return [{c: r.get(c) for c in COLUMNS} for r in runs]
+    rows = []
+    for r in runs:
+        low, high = (r.get("intervals") or {}).get("test_accuracy") or (None, None)
+        rows.append({**{c: r.get(c) for c in COLUMNS}, "test_accuracy_low": low, "test_accuracy_high": high,
+                     "ece": (r.get("calibration") or {}).get("ece"), "_run": r})
+    return rows
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines = ["| " + " | ".join(SHOWN) + " |", "|" + "---|" * len(SHOWN)]
     for r in rows:
-        cells = [f"{r['test_accuracy']:.2%}" if c == "test_accuracy" else
+        cells = [with_interval(r["_run"]) if c == "test_accuracy" else
+                 f"{r[c]:.3f}" if c == "ece" and r[c] is not None else
                  f"{r[c]:.1f}" if c == "wall_seconds" and r[c] is not None else
-                 f"{r[c]:,}" if c == "trainable_parameters" and r[c] is not None else str(r[c]) for c in COLUMNS]
+                 f"{r[c]:,}" if c == "trainable_parameters" and r[c] is not None else
+                 "-" if r[c] is None else str(r[c]) for c in SHOWN]
         lines.append("| " + " | ".join(cells) + " |")
+    confused = [(r["_run"], r["_run"].get("most_confused")) for r in rows if r["_run"].get("most_confused")]
+    for run, pairs in confused:
+        lines.append(f"\n{run['method']} on {run['model']}, most confused (true -> predicted): " + ", ".join(
+            f"{p['true']} -> {p['predicted']} {p['count']}" for p in pairs))
+    return "\n".join(lines) + "\n"
+
+
+def paired(runs: list[dict]) -> list[dict]:
+    """Each run against the first, on the same test images: the accuracy difference with a paired bootstrap
+    95% interval and McNemar's exact p-value (probe.stats). Runs scored on other test images are refused."""
+    from probe import stats
+    from probe.runs import load_predictions
+
+    base = runs[0]
+    if len(runs) < 2:
+        raise ProbeError("--paired compares runs with the first: give at least two")
+    base_predictions = load_predictions(Path(base["path"]).parent)
+    out = []
+    for run in runs[1:]:
+        if not base.get("test_set_hash") or run.get("test_set_hash") != base.get("test_set_hash"):
+            raise ProbeError(f"{Path(run['path']).parent} is scored on other test images than "
+                             f"{Path(base['path']).parent} (another data set, split, class selection or probe 0.3 "
+                             "run): a paired comparison needs the same ones")
+        other = load_predictions(Path(run["path"]).parent)
+        truth = base_predictions["true"]
+        result = stats.paired_difference(truth, base_predictions["predicted"] == truth, other["predicted"] == truth)
+        out.append({"a": str(Path(base["path"]).parent), "b": str(Path(run["path"]).parent),
+                    "a_method": base["method"], "b_method": run["method"], "a_model": base["model"],
+                    "b_model": run["model"], **result})
+    return out
+
+
+def paired_markdown(rows: list[dict]) -> str:
+    lines = ["| A | B | accuracy A - B | 95% interval (paired bootstrap) | A right, B wrong | B right, A wrong | "
+             "McNemar p |", "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['a_method']} on {r['a_model']} | {r['b_method']} on {r['b_model']} | "
+                     f"{100 * r['difference']:+.2f} points | [{100 * r['interval'][0]:+.2f}, {100 * r['interval'][1]:+.2f}] | "
+                     f"{r['only_a_right']} | {r['only_b_right']} | {r['mcnemar_p']:.3g} |")
     return "\n".join(lines) + "\n"
 
 
 def compare(paths: list[str | os.PathLike], *, out: str | os.PathLike = "runs/compare",
-            plot: str | os.PathLike | None = None) -> tuple[list[dict], str]:
-    """Merge runs into one table, saved as out/compare.csv and out/compare.md; with plot, PNG charts too."""
+            plot: str | os.PathLike | None = None, paired_with_first: bool = False) -> tuple[list[dict], str]:
+    """Merge runs into one table, saved as out/compare.csv and out/compare.md; with plot, PNG charts too;
+    paired_with_first: each run against the first on the same test images (out/paired.csv, paired.md)."""
     if not paths:
         raise ProbeError("give at least one run folder or metrics.json")
     runs = load_metrics(paths)
+    pairs = paired(runs) if paired_with_first else None  # refused before anything is written
     rows = table(runs)
     out = Path(out)
     make_dir(out)
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     atomic_write(out / "compare.csv", buffer.getvalue().encode())
     text = markdown(rows)
+    if pairs is not None:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=[k for k in pairs[0] if k not in ("method",)], extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows([{**p, "interval": f"{p['interval'][0]} {p['interval'][1]}"} for p in pairs])
+        atomic_write(out / "paired.csv", buffer.getvalue().encode())
+        atomic_write(out / "paired.md", paired_markdown(pairs).encode())
+        text += "\n" + paired_markdown(pairs)
     atomic_write(out / "compare.md", text.encode())
     if plot is not None:
         draw(runs, Path(plot))
     return rows, text
 
 
-def _save_png(fig, path: Path) -> Path:
-    """Render to memory, then write atomically (a full disk is a one-line error, not a half PNG)."""
-    import matplotlib.pyplot as plt
-
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
-    return atomic_write(path, buffer.getvalue())
-
-
 def draw(runs: list[dict], folder: Path) -> list[Path]:
-    """accuracy.png: test accuracy per method; curves.png: fine-tunes' test accuracy per epoch."""
+    """accuracy.png: test accuracy per method; curves.png: fine-tunes' test accuracy per epoch; for fits,
+    reliability.png and a confusion matrix each."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -105,8 +164,7 @@ def draw(runs: list[dict], folder: Path) -> list[Path]:
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(0, 100)
     ax.set_title("test accuracy per method")
-    fig.tight_layout()
-    written = [_save_png(fig, folder / "accuracy.png")]
+    written = [save_png(fig, folder / "accuracy.png")]
 
     tuned = [r for r in runs if r.get("history")]
     fig, ax = plt.subplots(figsize=(6, 3.6))
@@ -127,8 +185,47 @@ def draw(runs: list[dict], folder: Path) -> list[Path]:
     ax.set_title("learning curves (dashed: lp-ft's switch to full fine-tuning)")
     if tuned:
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    written.append(_save_png(fig, folder / "curves.png"))
+    written.append(save_png(fig, folder / "curves.png"))
+    return written + _draw_calibration(runs, folder)
+
+
+def _draw_calibration(runs: list[dict], folder: Path) -> list[Path]:
+    """reliability.png: accuracy against confidence in 15 bins, one line per fit; confusion_<i>.png: each
+    fit's confusion matrix, normalized per true class (from predictions.h5 and metrics.json)."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from probe import stats
+    from probe.runs import load_predictions
+
+    fits = [r for r in runs if r.get("kind") == "fit" and (Path(r["path"]).parent / "predictions.h5").exists()]
+    if not fits:
+        return []
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    ax.plot([0, 1], [0, 1], color="gray", linestyle=":", linewidth=1)
+    for r in fits:
+        p = load_predictions(Path(r["path"]).parent)
+        bins = [b for b in stats.reliability(p["top_k_probability"][:, 0], p["predicted"] == p["true"]) if b["n"]]
+        ece = (r.get("calibration") or {}).get("ece")
+        ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], marker="o", markersize=3,
+                label=f"{r['method']} {r['model']}" + (f" (ECE {ece:.3f})" if ece is not None else ""))
+    ax.set_xlabel("confidence (top-1 probability, 15 bins)")
+    ax.set_ylabel("accuracy")
+    ax.set_title("reliability")
+    ax.legend(fontsize=7)
+    written = [save_png(fig, folder / "reliability.png")]
+    for i, r in enumerate(fits):
+        m = np.asarray(r["confusion_matrix"], np.float64)
+        m = m / np.maximum(m.sum(1, keepdims=True), 1)
+        size = min(12, 2 + 0.45 * len(m))
+        fig, ax = plt.subplots(figsize=(size, size))
+        ax.imshow(m, cmap="Blues", vmin=0, vmax=1)
+        ax.set_xticks(range(len(m)), r["classes"], rotation=60, ha="right", fontsize=7)
+        ax.set_yticks(range(len(m)), r["classes"], fontsize=7)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true (each row sums to 1)")
+        ax.set_title(f"{r['method']} on {r['model']}", fontsize=9)
+        written.append(save_png(fig, folder / f"confusion_{i}.png"))
     return written
 
 
@@ -142,6 +239,20 @@ def dataset_label(name: str) -> str:
 
 # The fields of a fit's identity that say which data set (and split) it was measured on: its column.
 DATA_FIELDS = ("cache.dataset", "cache.fingerprint", "cache.protocol")
+
+
+def _told_apart(labels: list, specs: list[dict], relabel) -> list:
+    """Labels of runs, where runs of one label have different specs: each relabelled (relabel(label,
+    'field=value, ...')) by the fields in which those specs differ."""
+    out = list(labels)
+    for label in set(labels):
+        distinct = {identity.canonical(spec): spec for spec, lab in zip(specs, labels) if lab == label}
+        if len(distinct) > 1:
+            fields = identity.differences(list(distinct.values()))
+            for i, (spec, lab) in enumerate(zip(specs, labels)):
+                if lab == label:
+                    out[i] = relabel(label, identity.describe(spec, fields))
+    return out
 
 
 def _identity_parts(run: dict) -> tuple[dict, dict]:
@@ -174,24 +285,11 @@ def pivot(runs: list[dict], failures: list[dict] = (), merge: bool = False) -> d
     shorts = [dataset_label(n) for n in names]
     label = {n: dataset_label(n) if shorts.count(dataset_label(n)) == 1 else n for n in names}
     column_of = [label[r.get("dataset", "?")] for r in runs]
-    if not merge:
-        for name in set(column_of):
-            specs = {identity.canonical(c): c for (c, _), col in zip(parts, column_of) if col == name}
-            if len(specs) > 1:
-                fields = identity.differences(list(specs.values()))
-                for i, ((c, _), col) in enumerate(zip(parts, column_of)):
-                    if col == name:
-                        column_of[i] = f"{name} ({identity.describe(c, fields)})"
-    # Rows: model and head, and the fields in which runs of that model and head differ.
     row_of = [base(r["model"], r.get("weights"), r["method"]) for r in runs]
     if not merge:
-        for key in set(row_of):
-            specs = {identity.canonical(rp): rp for (_, rp), rk in zip(parts, row_of) if rk == key}
-            if len(specs) > 1:
-                fields = identity.differences(list(specs.values()))
-                for i, ((_, rp), rk) in enumerate(zip(parts, row_of)):
-                    if rk == key:
-                        row_of[i] = (f"{key[0]} [{identity.describe(rp, fields)}]", key[1])
+        column_of = _told_apart(column_of, [c for c, _ in parts], lambda name, what: f"{name} ({what})")
+        # Rows: model and head, and the fields in which runs of that model and head differ.
+        row_of = _told_apart(row_of, [rp for _, rp in parts], lambda key, what: (f"{key[0]} [{what}]", key[1]))
     cells, chosen, rows, columns, notes = {}, {}, [], [], []
     for r, row, column in zip(runs, row_of, column_of):
         if row not in rows:
@@ -199,9 +297,11 @@ def pivot(runs: list[dict], failures: list[dict] = (), merge: bool = False) -> d
         if column not in columns:
             columns.append(column)
         chosen.setdefault((row, column), []).append(r)
+    shown = {}
     for (row, column), candidates in chosen.items():
         newest = max(candidates, key=lambda r: r.get("created", ""))
         cells[row, column] = newest["test_accuracy"]
+        shown[row, column] = newest
         if len(candidates) > 1:
             specs = [r.get("identity") or {"path": r["path"]} for r in candidates]
             fields = identity.differences(specs)
@@ -218,20 +318,58 @@ def pivot(runs: list[dict], failures: list[dict] = (), merge: bool = False) -> d
     for row in rows:
         values = [cells[row, c] for c in columns if isinstance(cells.get((row, c)), float)]
         means[row] = (sum(values) / len(values), len(values)) if values else (None, 0)
-    return {"rows": rows, "columns": columns, "cells": cells, "means": means, "notes": notes}
+    return {"rows": rows, "columns": columns, "cells": cells, "means": means, "notes": notes,
+            "intervals": {cell: (r.get("intervals") or {}).get("test_accuracy") for cell, r in shown.items()},
+            "best": _not_below_best(shown, columns)}
+
+
+def _not_below_best(shown: dict, columns: list) -> list:
+    """Per data set, the cells not significantly below its best: the best, and every run on the same test
+    images whose paired bootstrap interval of (best - it) reaches 0. Runs without predictions.h5 (probe
+    0.3) are left out of the comparison."""
+    from probe import stats
+    from probe.runs import load_predictions
+
+    marked = []
+    for column in columns:
+        here = [(cell, r) for cell, r in shown.items() if cell[1] == column and r.get("test_set_hash")
+                and (Path(r["path"]).parent / "predictions.h5").exists()]
+        if not here:
+            continue
+        best_cell, best = max(here, key=lambda item: item[1]["test_accuracy"])
+        marked.append(best_cell)
+        truth = None
+        for cell, r in here:
+            if cell == best_cell or r["test_set_hash"] != best["test_set_hash"]:
+                continue
+            if truth is None:
+                b = load_predictions(Path(best["path"]).parent)
+                truth, best_right = b["true"], b["predicted"] == b["true"]
+            other = load_predictions(Path(r["path"]).parent)
+            if stats.paired_difference(truth, best_right, other["predicted"] == truth)["interval"][0] <= 0:
+                marked.append(cell)
+    return marked
 
 
 def pivot_markdown(table: dict) -> str:
-    def cell(value):
-        return "-" if value is None else value if isinstance(value, str) else f"{value:.2%}"
+    def cell(value, at=None):
+        if value is None or isinstance(value, str):
+            return "-" if value is None else value
+        interval = table.get("intervals", {}).get(at) if at else None
+        text = f"{value:.2%}" + (f" ± {100 * (interval[1] - interval[0]) / 2:.1f}" if interval else "")
+        return f"**{text}**" if at in table.get("best", ()) else text
 
     n = len(table["columns"])
     lines = ["| model | head | " + " | ".join(table["columns"]) + " | mean |", "|---|---|" + "---:|" * (n + 1)]
     for row in table["rows"]:
         mean, count = table["means"][row]
         note = "" if count == n or mean is None else f" ({count} of {n})"
-        lines.append(f"| {row[0]} | {row[1]} | " + " | ".join(cell(table["cells"].get((row, c))) for c in table["columns"])
+        lines.append(f"| {row[0]} | {row[1]} | " + " | ".join(cell(table["cells"].get((row, c)), (row, c))
+                                                             for c in table["columns"])
                      + f" | {cell(mean)}{note} |")
+    if table.get("best"):
+        lines += ["", "Bold: the best of its data set, and every cell not significantly below it (a paired "
+                  "bootstrap 95% interval of the difference that reaches 0). ±: half the 95% interval, in points."]
     lines += ["", *(f"- {n}" for n in table.get("notes", []))] if table.get("notes") else []
     return "\n".join(lines) + "\n"
 
@@ -270,13 +408,13 @@ def heatmap(table: dict, path: Path) -> Path:
         for j, c in enumerate(columns):
             missing = np.isnan(values[i, j])
             text = ("failed" if table["cells"].get((row, c)) == "failed" else "-") if missing else f"{values[i, j]:.1f}"
+            text += "*" if (row, c) in table.get("best", ()) else ""
             ax.text(j, i, text, ha="center", va="center", fontsize=8,
                     color="#444444" if missing else "black" if values[i, j] > 60 else "white")
     ax.set_xticks(range(len(columns)), columns, rotation=30, ha="right", fontsize=8)
     ax.set_yticks(range(len(table["rows"])), [f"{m} / {h}" for m, h in table["rows"]], fontsize=8)
-    ax.set_title("test accuracy (%)")
-    fig.tight_layout()
-    return _save_png(fig, path)
+    ax.set_title("test accuracy (%); *: best of its data set, or not significantly below", fontsize=9)
+    return save_png(fig, path)
 
 
 def compare_pivot(paths: list[str | os.PathLike], *, out: str | os.PathLike = "runs/compare",

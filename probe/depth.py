@@ -15,7 +15,7 @@ from pathlib import Path
 
 from probe.cache import open_cache
 from probe.errors import ProbeError
-from probe.files import atomic_write, make_dir
+from probe.files import atomic_write, make_dir, save_png
 from probe.fit import fit
 
 FINAL = "final"  # the cache's final feature (train/features), drawn at relative depth 1
@@ -50,6 +50,7 @@ def depth(caches: list[str | os.PathLike], *, out: str | os.PathLike = "runs/dep
                       (" (reused)" if result.reused else ""), flush=True)
             points.append({"layer": layer, "depth": 1.0 if layer == FINAL else (blocks.index(layer) + 1) / len(blocks),
                            "test_accuracy": metrics["test_accuracy"], "width": metrics["feature_dim"],
+                           "interval": (metrics.get("intervals") or {}).get("test_accuracy"),
                            "C": metrics["hyperparameters"].get("C_chosen"), "run": str(result.out)})
         curves.append({"cache": str(cache.path), "model": cache.attrs["model"], "weights": cache.attrs["weights"],
                        "pool": cache.key.get("pool"), "dataset": cache.attrs["dataset"], "points": points})
@@ -67,13 +68,13 @@ def table(result: dict) -> str:
              "|---|---|---|---|---:|---:|---:|"]
     for c in result["curves"]:
         for p in c["points"]:
+            half = f" ± {100 * (p['interval'][1] - p['interval'][0]) / 2:.1f}" if p.get("interval") else ""
             lines.append(f"| {c['model']} | {c['weights']} | {c.get('pool') or '-'} | {p['layer']} | {p['depth']:.2f} | "
-                         f"{p['width']} | {p['test_accuracy']:.2%} |")
+                         f"{p['width']} | {p['test_accuracy']:.2%}{half} |")
     return "\n".join(lines) + "\n"
 
 
 def plot(result: dict, path: Path) -> None:
-    import io
 
     import matplotlib
 
@@ -93,8 +94,4 @@ def plot(result: dict, path: Path) -> None:
     ax.set_title(f"Linear separability by depth on {result['curves'][0]['dataset'].split('/')[-1]}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    buffer = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write(path, buffer.getvalue())
+    save_png(fig, path)

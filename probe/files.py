@@ -106,3 +106,20 @@ def publish(tmp: Path, path: Path) -> None:
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def save_png(fig, path: str | os.PathLike) -> Path:
+    """A matplotlib figure as a PNG, rendered in memory, then written atomically (a full disk is a one-line
+    error, not half a PNG); the figure is closed."""
+    import io
+    import warnings
+
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():  # a figure too small for its labels is drawn as it is, not refused
+        warnings.simplefilter("ignore", UserWarning)
+        fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    return atomic_write(path, buffer.getvalue())

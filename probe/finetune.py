@@ -32,8 +32,7 @@ from probe.preprocess import Preprocess, resize_center_crop
 from probe.errors import ProbeError
 from probe.device import resolve_device
 from probe.files import atomic_write, make_dir
-from probe.fit import FitResult
-from probe.runs import folder_name, load_head, save_run
+from probe.runs import FitResult, folder_name, load_head, save_run
 from probe.selection import TEST_FRACTION, balanced_rows, class_indices, holdout_description, holdout_rows
 from probe.train import train_epochs
 

@@ -24,9 +24,10 @@ from probe.cache import FeatureCache, open_cache
 from probe.device import format_bytes, resident_bytes
 from probe.errors import ProbeError
 from probe.keys import resolve_cache
-from probe.heads import make_head, rank_classes
-from probe.rows import Rows, parse_bytes
-from probe.runs import HEAD_FORMAT, folder_name, save_run
+from probe import stats
+from probe.heads import VAL_FRACTION, make_head, rank_classes, validation_split
+from probe.rows import Part, Rows, parse_bytes
+from probe.runs import HEAD_FORMAT, FitResult, folder_name, save_run  # noqa: F401  (FitResult: re-exported)
 from probe.runs import finished as finished_run
 from probe.selection import TEST_FRACTION, Plan, plan, stores
 
@@ -34,13 +35,6 @@ from probe.selection import TEST_FRACTION, Plan, plan, stores
 REVISION = 1
 # Head parameters that change no number: where it runs (float32 either way), how queries are batched.
 NEUTRAL_PARAMS = ("device", "chunk")
-
-
-@dataclass
-class FitResult:
-    out: Path  # the run folder: head.joblib and metrics.json
-    metrics: dict
-    reused: bool = False  # True: a finished run of the same identity was read back, nothing was fitted
 
 
 def find_cache(*, features: str | None = None, model: str | None = None, dataset: str = "cifar10",
@@ -104,6 +98,7 @@ class Prepared:
     out: Path
     max_memory: int | None
     weights: str  # what rebuilds the backbone in probe predict (weights_source)
+    calibration: Rows | None = None  # --calibrate: the held-out training images the temperature is fitted on
 
 
 def fit(*, reuse: bool = False, **options) -> FitResult:
@@ -129,14 +124,16 @@ def prepare(*, head: str = "logreg", features: str | None = None, model: str | N
             test_fraction: float | None = None, class_weight: str | None = None, views: int | None = None,
             augment: str = "rrc", precision: str = "auto", compile: bool = False,
             pool: str | None = None, layer: str | None = None, data_options: dict | None = None,
-            max_memory: str | int | None = None) -> Prepared:
+            max_memory: str | int | None = None, calibrate: str | None = None) -> Prepared:
     """Find the cache, plan the rows, build the head and compute the run's identity; nothing is fitted.
 
     classes: names or indices to keep (a list, or one comma-separated string). max_memory: the whole
     process's memory cap (bytes, or "2GB"); when the fit would pass it, the head reads the cache a chunk
     at a time instead (logreg's sweep and L-BFGS summed over chunks, linear and mlp from a shuffle
     buffer, knn streaming its training rows). Under torchrun each rank reads its share of the rows and
-    logreg's gradient (knn's nearest rows) are combined over ranks; rank 0 saves.
+    logreg's gradient (knn's nearest rows) are combined over ranks; rank 0 saves. calibrate
+    "temperature": a stratified, seeded 20% of the training images (every view of one together) is held
+    out of the fit, and one temperature fitted on it scales the head's probabilities (Guo et al.).
     """
     if seed < 0:  # before anything draws from default_rng(seed)
         raise ProbeError(f"--seed must be 0 or more, not {seed}")
@@ -156,6 +153,16 @@ def prepare(*, head: str = "logreg", features: str | None = None, model: str | N
                        dtype=dtype, data_dir=data_dir, cache_dir=cache_dir, pool=pool, layer=layer, views=views,
                        augment=augment, precision=precision, compile=compile, device=device, data_options=data_options)
     p = plan(cache, classes=classes, train_per_class=train_per_class, seed=seed, test_fraction=test_fraction)
+    if calibrate not in (None, "temperature"):
+        raise ProbeError(f"unknown --calibrate {calibrate!r}: choose temperature")
+    calibration = None
+    if calibrate:  # the calibration images leave the plan before the head, or its sweep, sees them
+        held = validation_split(p.y, None, VAL_FRACTION, seed)
+        if held is None:
+            raise ProbeError("--calibrate temperature holds out 20% of the training images of each class: too few "
+                             "images here (at least 2 per class, and a held-out image of every class)")
+        calibration = (p.train_rows[held], p.y[held])
+        p = p._replace(train_rows=p.train_rows[~held], y=p.y[~held])
     # All stored views by default; a layer has none (views hold the final feature only).
     n_views = (0 if layer is not None else cache.views) if views is None else views
     if layer is not None and n_views:
@@ -194,14 +201,19 @@ def prepare(*, head: str = "logreg", features: str | None = None, model: str | N
         "views": int(n_views), "layer": layer, "streamed": bool(streamed),
         # A streamed linear or mlp head draws its minibatches from a shuffle buffer the budget sizes.
         "max_memory": parse_bytes(max_memory) if streamed and head in ("linear", "mlp") else None,
+        "calibrate": calibrate,
     }
     spec = identity.normalized(spec)
     readable = f"{cache.path.stem}__{head}" + (f"__layer-{layer}" if layer else "") + \
         (f"__views{n_views}" if n_views else "") + (f"__n{train_per_class}" if train_per_class else "") + \
         (f"__{class_weight}" if class_weight else "")
     out_dir = Path(out) if out else Path(runs_dir) / folder_name(readable, spec)
+    calibration_rows = None
+    if calibration is not None:
+        calibration_rows = Rows(cache.path.resolve(), [Part(cache.columns("train", layer), None, *calibration,
+                                                            np.arange(len(calibration[1])))], budget, keep=False)
     return Prepared(cache, p, head, estimator, layer, int(n_views), train, test, streamed, spec, out_dir,
-                    parse_bytes(max_memory), weights_source(cache, weights))
+                    parse_bytes(max_memory), weights_source(cache, weights), calibration_rows)
 
 
 def _ks(k: int | str | None):
@@ -254,6 +266,19 @@ def run(prep: Prepared) -> FitResult:
     predicted = pipeline.classes_[ranked[:, 0]]
     per_class = {n: float((predicted[yt == i] == i).mean()) if (yt == i).any() else None for i, n in enumerate(names)}
     key, layer = cache.key, prep.layer
+    # Probabilities over every kept class (a class the head never saw has probability 0), for calibration.
+    full = np.zeros((len(yt), len(names)), np.float64)
+    full[:, pipeline.classes_] = probabilities
+    correct, top5 = predicted == yt, (pipeline.classes_[ranked[:, :5]] == yt[:, None]).any(1)
+    calibrated = None
+    if prep.calibration is not None:
+        held = np.zeros((len(prep.calibration), len(names)))
+        held[:, pipeline.classes_] = pipeline.predict_proba(prep.calibration.load())
+        temperature = stats.fit_temperature(held, prep.calibration.labels)
+        calibrated = {"method": "temperature scaling (one T, fitted on the held-out training images by NLL)",
+                      "temperature": temperature, "n_calibration": int(len(prep.calibration)),
+                      "before": stats.calibration(full, yt),
+                      "after": stats.calibration(stats.apply_temperature(full, temperature), yt)}
     metrics = {
         "kind": "fit", "method": head, "model": key["model"], "pool": key.get("pool"), "layer": layer or "final",
         "feature_dim": int(train.dim), "weights": key["weights"],
@@ -267,6 +292,10 @@ def run(prep: Prepared) -> FitResult:
         "top5_accuracy": float((pipeline.classes_[ranked[:, :5]] == yt[:, None]).any(1).mean())
         if len(names) > 5 else None,
         # A class with no test image has no accuracy: null (JSON has no NaN), and listed by name.
+        # 95% intervals from a seeded bootstrap over the test images (probe.stats: method and count in the file).
+        "intervals": stats.intervals(yt, correct, top5 if len(names) > 5 else None), "interval_method": stats.METHOD,
+        "calibration": stats.calibration(full, yt) if calibrated is None else calibrated["after"],
+        **({"temperature_scaling": calibrated} if calibrated else {}),
         "per_class_accuracy": per_class,
         **({"test_accuracy_per_k": per_k} if per_k else {}),
         "classes_without_test_images": [n for i, n in enumerate(names) if not (yt == i).any()],
@@ -277,16 +306,31 @@ def run(prep: Prepared) -> FitResult:
         "trainable_parameters": _n_parameters(pipeline), "fit_seconds": fit_seconds, "wall_seconds": fit_seconds,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds"),
         "identity": prep.identity, "identity_hash": identity.digest(prep.identity),
+        "test_set": test_set(cache, p), "test_set_hash": identity.digest(test_set(cache, p)),
     }
+    metrics["most_confused"] = stats.confused_pairs(metrics["confusion_matrix"], names)
     artifact = {"format": HEAD_FORMAT, "pipeline": pipeline, "classes": names, "model": key["model"],
                 "weights": prep.weights, "weights_identity": key["weights"], "resolution": key["resolution"],
                 "preprocessing": key["preprocessing"], "pool": key.get("pool"), "feature_dim": int(train.dim),
                 "layers": cache.layer_group(layer) if layer else [], "precision": key.get("precision", "fp32"),
                 "compile": bool(key.get("compile")), "cache": str(cache.path.resolve()), "cache_key": key,
-                "identity": prep.identity}
+                "identity": prep.identity, "temperature": calibrated["temperature"] if calibrated else None}
     if w.main:  # under torchrun every rank holds the same head: rank 0 saves it
-        save_run(prep.out, artifact, metrics)
+        if calibrated:
+            full = stats.apply_temperature(full, calibrated["temperature"])
+        save_run(prep.out, artifact, metrics, predictions={"rows": p.test_rows, "true": yt, "probabilities": full,
+                                                           "source": p.test_source, "classes": names})
     return FitResult(prep.out, metrics)
+
+
+def test_set(cache: FeatureCache, p: Plan) -> dict:
+    """The identity of the test images a run is scored on: two runs compare pairwise only when it is equal."""
+    import hashlib
+
+    return {"dataset": cache.key["dataset"], "fingerprint": cache.key["fingerprint"], "protocol": cache.key["protocol"],
+            "source": p.test_source, "split": p.test_split, "classes": p.names,
+            "rows": hashlib.sha256(np.asarray(p.test_rows, np.int64).tobytes() + np.asarray(p.yt, np.int64).tobytes())
+            .hexdigest()[:16]}
 
 
 def _fit_streamed(estimator, head: str, train: Rows, groups: np.ndarray | None):
@@ -358,7 +402,8 @@ def _hyperparameters(pipeline) -> dict:
         hp["k_sweep"] = [{"k": k, "val_accuracy": a} for k, a in head.k_sweep_]
     if hasattr(head, "C_"):
         hp["C_chosen"] = head.C_
-        hp["C_from"] = "sweep" if head.sweep_ else ("--C" if head.C is not None else "default: too few samples to sweep")
+        hp["C_from"] = ("--C" if head.C is not None else "sweep" if head.search_ == "split" else
+                        f"sweep, {head.search_} validation" if head.sweep_ else f"one image per class: C = {head.C_:g}")
         hp["sweep"] = [{"C": c, "val_accuracy": a} for c, a in head.sweep_]
         hp["n_iter"] = int(head.n_iter_)  # L-BFGS iterations of the final fit
     return hp

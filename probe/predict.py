@@ -15,6 +15,7 @@ from probe.errors import ProbeError
 from probe.extract import Embedder
 from probe.heads import rank_classes
 from probe.runs import load_head
+from probe.stats import apply_temperature
 
 BATCH_SIZE = 64  # images per backbone pass
 
@@ -59,6 +60,8 @@ def predict(head: str | os.PathLike, images: list[str | os.PathLike], *, top_k: 
         if layers:  # [final | layers]: the head saw the layers alone
             features = features[:, embed.feature_dim:]
         probabilities = pipeline.predict_proba(features.cpu().numpy())
+        if artifact.get("temperature"):  # fitted with --calibrate temperature
+            probabilities = apply_temperature(probabilities, artifact["temperature"])
         for row, p, order in zip(rows, probabilities, rank_classes(probabilities)[:, :top_k]):
             results[row]["top"] = [{"class": classes[int(pipeline.classes_[i])], "probability": float(p[i])}
                                    for i in order]

@@ -2,6 +2,9 @@
 with the identity of what made it (probe.identity) inside, so a later command reuses a run only when
 that identity is the one it wants.
 
+A fit's folder also keeps its per-test-image predictions (predictions.h5), so any later statistic (an
+interval, a paired comparison, calibration) is computed from them without fitting again.
+
 A run folder's name is readable (the cache's name, the head, a few options) and ends in the digest of
 its identity, so two runs that differ in any option never share a folder; but the name is never what
 decides a reuse: `finished` compares the identity stored in metrics.json with the one wanted.
@@ -12,13 +15,24 @@ from __future__ import annotations
 import io
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from probe import identity
 from probe.errors import ProbeError
 from probe.files import atomic_write, check_space, lock, make_dir
 
 HEAD_FORMAT = 1
+
+
+@dataclass
+class FitResult:
+    """What `probe fit` and `probe finetune` return: the run folder and its metrics."""
+    out: Path  # the run folder: metrics.json (and a fit's head.joblib and predictions.h5)
+    metrics: dict
+    reused: bool = False  # True: a finished run of the same identity was read back, nothing was fitted
 
 
 def folder_name(readable: str, spec: dict) -> str:
@@ -38,8 +52,48 @@ def finished(out_dir: str | os.PathLike, spec: dict, needs_head: bool = True) ->
     return metrics if not needs_head or (out_dir / "head.joblib").exists() else None
 
 
-def save_run(out_dir: Path, artifact: dict | None, metrics: dict) -> None:
-    """Write head.joblib and metrics.json, each atomically, under a lock so two writers cannot interleave."""
+TOP_K = 5  # classes kept per test image in predictions.h5
+
+
+def predictions_bytes(rows: np.ndarray, true: np.ndarray, probabilities: np.ndarray, source: str,
+                      classes: list[str]) -> bytes:
+    """predictions.h5: one row per test image, in the test split's order, columnar (plain h5py reads it):
+    `row` (the image's row in the cache's `source` split), `true` and `predicted` (class indices), `top_k`
+    and `top_k_probability` (the most probable classes), `p_true` (the true class's probability)."""
+    import h5py
+
+    from probe.heads import rank_classes
+
+    ranked = rank_classes(probabilities)[:, :TOP_K]
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as f:
+        f["row"], f["true"], f["predicted"] = np.asarray(rows, np.int64), np.asarray(true, np.int64), ranked[:, 0]
+        f["top_k"] = ranked.astype(np.int32)
+        f["top_k_probability"] = np.take_along_axis(probabilities, ranked, 1).astype(np.float32)
+        f["p_true"] = probabilities[np.arange(len(true)), true].astype(np.float32)
+        f.attrs.update(source=source, classes=json.dumps(classes))
+    return buffer.getvalue()
+
+
+def load_predictions(run: str | os.PathLike) -> dict:
+    """A run's predictions.h5 as arrays (and its source split and classes)."""
+    import h5py
+
+    path = Path(run) / "predictions.h5" if Path(run).is_dir() else Path(run)
+    if not path.is_file():
+        raise ProbeError(f"no predictions.h5 in {path.parent}: runs of probe 0.3 and older keep none; fit again")
+    try:
+        with h5py.File(path, "r") as f:
+            out = {name: f[name][...] for name in ("row", "true", "predicted", "top_k", "top_k_probability", "p_true")}
+            out.update(source=f.attrs["source"], classes=json.loads(f.attrs["classes"]))
+    except (OSError, KeyError, ValueError) as e:
+        raise ProbeError(f"{path} is damaged ({type(e).__name__}); fit again") from None
+    return out
+
+
+def save_run(out_dir: Path, artifact: dict | None, metrics: dict, predictions: dict | None = None) -> None:
+    """Write head.joblib, predictions.h5 and metrics.json, each atomically, under a lock so two writers
+    cannot interleave (metrics.json last: a run with metrics is whole)."""
     import joblib
 
     make_dir(out_dir)
@@ -49,10 +103,13 @@ def save_run(out_dir: Path, artifact: dict | None, metrics: dict) -> None:
         joblib.dump(artifact, buffer)
         head = buffer.getbuffer()
     text = json.dumps(metrics, indent=2, allow_nan=False).encode()
+    table = predictions_bytes(**predictions) if predictions is not None else None
     with lock(out_dir / ".lock"):
-        check_space(out_dir, len(text) + (len(head) if head is not None else 0), "head.joblib and metrics.json")
+        check_space(out_dir, len(text) + sum(len(b) for b in (head, table) if b is not None), "head.joblib, predictions.h5 and metrics.json")
         if head is not None:
             atomic_write(out_dir / "head.joblib", head)
+        if table is not None:
+            atomic_write(out_dir / "predictions.h5", table)
         atomic_write(out_dir / "metrics.json", text)
 
 

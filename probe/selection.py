@@ -114,20 +114,24 @@ def holdout_rows(labels: np.ndarray, keep: list[int], fraction: float, seed: int
 
 def balanced_rows(labels: np.ndarray, keep: list[int], per_class: int | None, seed: int, names: list[str],
                    source: str) -> np.ndarray:
-    """Rows of the kept classes; with per_class, a seeded subset of exactly that many of each."""
+    """Rows of the kept classes; with per_class, a seeded episode of exactly that many of each.
+
+    Each class's images are drawn in an order seeded by (seed, class) alone, and an episode of k takes
+    the first k: the same images for every model, layer and head on the data set (paired comparisons),
+    whatever other classes are kept, and nested (the 2-shot episode of a seed holds its 1-shot one).
+    """
     rows = np.flatnonzero(np.isin(labels, keep))
     if per_class is None:
         return rows
     if per_class < 1:
         raise ProbeError(f"--train-per-class must be positive, not {per_class}")
-    rng = np.random.default_rng(seed)
     chosen = []
     for c in keep:
         of_class = rows[labels[rows] == c]
         if len(of_class) < per_class:
             raise ProbeError(f"--train-per-class {per_class}, but class {names[c]!r} has only "
                              f"{len(of_class)} training images in {source}")
-        chosen.append(rng.choice(of_class, per_class, replace=False))
+        chosen.append(np.random.default_rng((seed, int(c))).permutation(of_class)[:per_class])
     return np.sort(np.concatenate(chosen))
 
 

@@ -18,7 +18,6 @@ from probe.cache import open_cache
 from probe.preprocess import Preprocess
 from probe.datasets import SAMPLE_DIR, load_dataset
 from probe.augment import augment
-from probe.datasets import load_dataset
 from probe.finetune import _load
 from probe.fit import fit
 from probe.predict import predict

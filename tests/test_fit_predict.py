@@ -135,7 +135,8 @@ def test_two_fits_writing_the_same_head_leave_a_whole_one(sample_cache, tmp_path
         [j.result() for j in jobs]
     assert joblib.load(tmp_path / "shared" / "head.joblib")["model"] == "efficientnet_lite0"
     assert json.loads((tmp_path / "shared" / "metrics.json").read_text())["method"] == "knn"
-    assert sorted(p.name for p in (tmp_path / "shared").iterdir()) == [".lock", "head.joblib", "metrics.json"]
+    names = sorted(p.name for p in (tmp_path / "shared").iterdir())
+    assert names == [".lock", "head.joblib", "metrics.json", "predictions.h5"]
 
 
 def test_class_weight_through_the_cli(run_cli, sample_cache):

@@ -56,6 +56,7 @@ def world(tmp_path_factory):
     a = copy_sample(root / "a", per_class=3, test_per_class=1, classes=["cat", "dog", "frog"])
     b = copy_sample(root / "b", per_class=4, test_per_class=1, classes=["cat", "dog", "frog"])
     train_only = copy_sample(root / "train-only", per_class=5, classes=["cat", "dog"])
+    larger = copy_sample(root / "larger", per_class=10, test_per_class=1, classes=["cat", "dog"])
     weights = root / "weights.pt"
     weights.write_bytes(b"any bytes: the weights' identity is their hash")
     hf = _hf_folder(root / "hf")
@@ -65,11 +66,12 @@ def world(tmp_path_factory):
     extract(dataset=f"folder:{a}", **base)
     extract(dataset=f"folder:{a}", layers="all", **base)
     extract(dataset=f"folder:{train_only}", **base)
+    extract(dataset=f"folder:{larger}", **base)
     head = fit(model="resnet18", weights="none", resolution=32, dataset=f"folder:{a}", cache_dir=str(cache_dir),
                C=1.0, out=str(root / "head")).out
     other_head = fit(model="resnet18", weights="none", resolution=32, dataset=f"folder:{a}", cache_dir=str(cache_dir),
                      C=0.1, out=str(root / "head2")).out
-    return dict(a=a, b=b, train_only=train_only, weights=weights, hf=hf, wds=wds, cache_dir=cache_dir, head=head,
+    return dict(a=a, b=b, train_only=train_only, larger=larger, weights=weights, hf=hf, wds=wds, cache_dir=cache_dir, head=head,
                 other_head=other_head)
 
 
@@ -150,6 +152,8 @@ def variants(w) -> dict[str, dict[str, tuple[list, list]]]:
         "class_weight": (f, [*f, "--class-weight", "balanced"]),
         "test_fraction": (held, [*held, "--test-fraction", "0.4"]),
         "layer": (f, [*f, "--layer", "layer3"]),
+        "calibrate": ([*f, "--dataset", f"folder:{w['larger']}"],
+                      [*f, "--dataset", f"folder:{w['larger']}", "--calibrate", "temperature"]),
     })
     ft = ["--model", "resnet18", "--dataset", a, *tiny]
     finetune = {name: extract[name] for name in ("model", "dataset", "weights", "resolution", "image_column",

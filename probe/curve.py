@@ -1,0 +1,169 @@
+"""`probe curve`: the data-efficiency curve, few-shot episodes over seeds, from one cache in seconds.
+
+For each cache, head and number of labelled images per class k, `seeds` episodes: a class-balanced draw
+of k training images per class (probe.selection.balanced_rows: seeded by (seed, class) alone, so the
+same images for every model, layer and head on the data set, and nested in k), each fitted by an
+ordinary `probe fit` run (its identity holds k as train_per_class and the seed; a finished one is read
+back) and scored on the full test split. `all` is the whole training split, fitted once (seed 0).
+Where k is too small for logreg's 20% validation split, its C is chosen by k-fold validation on the
+episode, and with k = 1 it is fixed (probe.heads.ONE_IMAGE_C; docs/heads.md says why).
+
+Writes curve.json, curve.csv, curve.md (mean ± standard deviation over seeds, and a 95% bootstrap
+interval of that mean) and curve.png (test accuracy against labelled images per class, log scale, a
+band for the spread over seeds, one line per cache and head).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from probe.cache import open_cache
+from probe.errors import ProbeError
+from probe.files import atomic_write, make_dir, save_png
+from probe.fit import fit
+from probe.heads import HEADS
+from probe.stats import CONFIDENCE, RESAMPLES, SEED
+
+DEFAULT_SHOTS = (1, 2, 4, 8, 16, "all")
+
+
+def parse_shots(text: str | tuple) -> tuple:
+    """'1,2,4,8,16,all' -> (1, 2, 4, 8, 16, 'all')."""
+    if not isinstance(text, str):
+        return tuple(text)
+    shots = []
+    for word in (w.strip() for w in text.split(",") if w.strip()):
+        if word == "all":
+            shots.append("all")
+        elif word.isdigit() and int(word) > 0:
+            shots.append(int(word))
+        else:
+            raise ProbeError(f"--shots {text!r}: give numbers of images per class and/or all, such as 1,2,4,8,16,all")
+    if not shots:
+        raise ProbeError("--shots: give at least one number of images per class, or all")
+    return tuple(sorted(set(s for s in shots if s != "all"))) + (("all",) if "all" in shots else ())
+
+
+def curve(caches: list[str | os.PathLike], *, heads: list[str] | tuple = ("logreg",), shots=DEFAULT_SHOTS,
+          seeds: int = 5, layer: str | None = None, out: str | os.PathLike = "runs/curve", runs_dir: str = "runs",
+          device: str = "auto", progress: bool = True) -> dict:
+    """Fit every (cache, head, k, seed) episode and write the curve's table and chart under `out`."""
+    shots = parse_shots(shots)
+    if not caches:
+        raise ProbeError("give at least one cache file (probe extract writes them)")
+    if seeds < 1:
+        raise ProbeError(f"--seeds must be positive, not {seeds}")
+    unknown = [h for h in heads if h not in HEADS]
+    if unknown:
+        raise ProbeError(f"unknown head(s) {', '.join(unknown)}: choose from {', '.join(HEADS)}")
+    opened = [open_cache(c) for c in caches]  # every input checked before any work
+    numeric = [k for k in shots if k != "all"]
+    for cache in opened:
+        if layer is not None:
+            cache.layer_group(layer)
+        fewest = int(np.bincount(cache.labels("train")).min())
+        if numeric and max(numeric) > fewest:
+            raise ProbeError(f"--shots {max(numeric)}, but a class of {cache.path.name} has only {fewest} training "
+                             "images (with no test split, a fifth of them are held out as one)")
+    lines = []
+    for cache in opened:
+        for head in heads:
+            points = []
+            for k in shots:
+                runs = []
+                for seed in (range(seeds) if k != "all" else [0]):
+                    result = fit(head=head, features=str(cache.path), layer=layer, runs_dir=runs_dir, device=device,
+                                 train_per_class=None if k == "all" else k, seed=seed, reuse=True)
+                    runs.append(result.metrics | {"run": str(result.out)})
+                accuracies = np.array([r["test_accuracy"] for r in runs])
+                point = {"shots": k, "images_per_class": k if k != "all" else runs[0]["n_train"] / len(runs[0]["classes"]),
+                         "seeds": len(runs), "mean": float(accuracies.mean()),
+                         "std": float(accuracies.std(ddof=1)) if len(runs) > 1 else 0.0,
+                         "interval": _interval_of_mean(accuracies) if len(runs) > 1 else
+                         runs[0].get("intervals", {}).get("test_accuracy"),
+                         "accuracies": accuracies.tolist(), "C": [r["hyperparameters"].get("C_chosen") for r in runs],
+                         "runs": [r["run"] for r in runs]}
+                points.append(point)
+                if progress:
+                    print(f"{cache.attrs['model']} {head} k={k}: {point['mean']:.2%} ± {100 * point['std']:.1f} "
+                          f"({point['seeds']} seed(s))", flush=True)
+            lines.append({"cache": str(cache.path), "model": cache.attrs["model"], "weights": cache.attrs["weights"],
+                          "dataset": cache.attrs["dataset"], "layer": layer or "final", "head": head, "points": points})
+    result = {"lines": lines, "shots": list(shots), "seeds": seeds,
+              "interval": f"{CONFIDENCE:.0%} percentile bootstrap of the mean over seeds ({RESAMPLES} resamples); "
+                          "for one seed, its bootstrap over test images"}
+    out = make_dir(out)
+    atomic_write(out / "curve.json", json.dumps(result, indent=2, allow_nan=False).encode())
+    atomic_write(out / "curve.csv", table_csv(result).encode())
+    atomic_write(out / "curve.md", table_markdown(result).encode())
+    plot(result, out / "curve.png")
+    return result
+
+
+def _interval_of_mean(values: np.ndarray) -> list[float]:
+    rng = np.random.default_rng(SEED)
+    means = values[rng.integers(0, len(values), (RESAMPLES, len(values)))].mean(1)
+    tail = 100 * (1 - CONFIDENCE) / 2
+    return [float(v) for v in np.percentile(means, [tail, 100 - tail])]
+
+
+def _label(line: dict, lines: list[dict]) -> str:
+    label = f"{line['model']} / {line['head']}"
+    if len({l_['weights'] for l_ in lines}) > 1:
+        label += f" ({line['weights']})"
+    return label + (f" / {line['layer']}" if line["layer"] != "final" else "")
+
+
+def table_markdown(result: dict) -> str:
+    shots = result["shots"]
+    rows = ["| model / head | " + " | ".join(f"{k} per class" if k != "all" else "all" for k in shots) + " |",
+            "|---|" + "---:|" * len(shots)]
+    for line in result["lines"]:
+        cells = []
+        for p in line["points"]:
+            interval = f" [{100 * p['interval'][0]:.1f}, {100 * p['interval'][1]:.1f}]" if p["interval"] else ""
+            cells.append(f"{100 * p['mean']:.1f} ± {100 * p['std']:.1f}{interval}")
+        rows.append(f"| {_label(line, result['lines'])} | " + " | ".join(cells) + " |")
+    return "\n".join(rows) + (f"\n\nTest accuracy (%): mean ± standard deviation over {result['seeds']} seeds, "
+                              f"[the {result['interval']}].\n")
+
+
+def table_csv(result: dict) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["model", "weights", "layer", "head", "shots", "seeds", "mean", "std", "interval_low",
+                     "interval_high"])
+    for line in result["lines"]:
+        for p in line["points"]:
+            low, high = p["interval"] or ("", "")
+            writer.writerow([line["model"], line["weights"], line["layer"], line["head"], p["shots"], p["seeds"],
+                             p["mean"], p["std"], low, high])
+    return buffer.getvalue()
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for line in result["lines"]:
+        x = [p["images_per_class"] for p in line["points"]]
+        mean = np.array([100 * p["mean"] for p in line["points"]])
+        spread = np.array([100 * p["std"] for p in line["points"]])
+        drawn, = ax.plot(x, mean, marker="o", label=_label(line, result["lines"]))
+        ax.fill_between(x, mean - spread, mean + spread, color=drawn.get_color(), alpha=0.2, linewidth=0)
+    ax.set_xscale("log")
+    ax.set_xlabel("labelled training images per class (log scale; the last point: all of them)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"Data efficiency (band: ± one standard deviation over {result['seeds']} seeds)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    save_png(fig, path)
