@@ -392,11 +392,42 @@ def render() -> str:
                      ("extract_throughput", throughput), ("extract_throughput_full", throughput),
                      ("strategies", strategies), ("lr_search", lr_search), ("bn_cause", bn_cause), ("views", views),
                      ("layers", layers), ("fingerprint", fingerprint), ("suite", suite), ("scale", scale),
-                     ("wds_reader", wds_reader), ("startup", startup), ("precision", precision)):
+                     ("wds_reader", wds_reader), ("startup", startup), ("precision", precision), ("curve", curve)):
         r = _load(name)
         if r is not None:
             parts.append("\n".join(fn(r)))
     return "\n\n".join(parts) if parts else "No benchmark results yet."
+
+
+def curve(r: dict) -> list[str]:
+    s = r["settings"]
+    line = r["curve"]["lines"][0]
+    cells = " | ".join(f"{100 * p['mean']:.1f} ± {100 * p['std']:.1f}" for p in line["points"])
+    heads = " | ".join(f"{p['shots']}" for p in line["points"])
+    lines = [
+        f"**Few-shot curve** (`benchmarks/results/curve.json`; {_machine(r)}): `probe curve` for logreg on "
+        f"{line['model']}'s cache of the JPEG CIFAR-10 ({Path(s['features'][0]).name.split('__r')[1].split('__')[0]} px), "
+        f"{r['curve_fits']} fits (k per class x {s['seeds']} seeds, and all once), each with its predictions and "
+        f"intervals: **{r['curve_over_one_fit']:.2f}x** the time of one `probe fit --head logreg` on all "
+        "training images, in one run.",
+        "",
+        f"| images per class | {heads} |", "|---" + "|---:" * len(line["points"]) + "|",
+        f"| test accuracy (%), mean ± sd over seeds | {cells} |",
+        "",
+        "logreg's C where an episode is too small for a 20% validation split, on validation images of the "
+        f"training split (the first {s['pool']:,} of each class hold the episodes, the next {s['validation']:,} "
+        "are scored; never the test split), mean over seeds:",
+        "",
+        "| features | k | probe's rule | validation accuracy | scikit-learn's C = 1 | best fixed C in hindsight |",
+        "|---|---:|---|---:|---:|---:|",
+    ]
+    for e in r["evidence"]:
+        name = Path(e["features"]).name
+        feature = f"{name.split('__')[1]} {name.split('__r')[1].split('__')[0]} px"
+        for x in e["summary"]:
+            lines.append(f"| {feature} | {x['k']} | {x['rule_search']} | {x['rule']:.2%} | {x['sklearn_default_C1']:.2%} | "
+                         f"{x['best_fixed']:.2%} (C = {x['best_fixed_C_in_hindsight']:.3g}) |")
+    return lines + ["", _targets(r)]
 
 
 def summary() -> str:

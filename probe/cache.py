@@ -352,6 +352,9 @@ def open_cache(path: str | os.PathLike, expect: dict | None = None) -> FeatureCa
     try:
         with h5py.File(path, "r") as f:
             attrs = dict(f.attrs)
+            if "probe_format" not in attrs:
+                raise ProbeError(f"{path} is not a probe cache (an HDF5 file without probe's attributes); give a file "
+                                 "that probe extract wrote")
             if attrs.get("probe_format") != FORMAT:
                 raise ProbeError(f"{path} is not a probe cache of format {FORMAT}; {fix}")
             if not attrs.get("complete"):
@@ -405,6 +408,10 @@ def list_caches(cache_dir: str | os.PathLike = "cache") -> list[dict]:
             row.update(status="corrupt", problem=str(e))
         rows.append(row)
     for parts in sorted(cache_dir.glob("*.h5.parts")):
+        if not (parts / "key.json").is_file():  # not probe's shard folder: as cache rm sees it
+            rows.append({"file": parts.name, "size_mb": 0.0, "status": "not probe's",
+                         "problem": "a folder named like probe's shards, without their key.json"})
+            continue
         partial = PartialCache(parts.with_name(parts.name[: -len(".parts")]), {})
         done = {s: partial.rows_done(s) for s in SPLITS}
         size = sum(f.stat().st_size for f in parts.iterdir()) / 2**20
@@ -494,13 +501,11 @@ def remove_cache(path: str | os.PathLike) -> list[Path]:
 def _is_probe_cache(path: Path) -> bool:
     """Whether probe wrote this file: an HDF5 file with probe's format attribute, or, for one too damaged to
     read, a name as probe gives its caches (ending in __<key hash>.h5)."""
-    if re.search(r"__[0-9a-f]{10}\.h5$", path.name):
-        return True
     try:
         with h5py.File(path, "r") as f:
-            return "probe_format" in f.attrs
+            return "probe_format" in f.attrs  # a readable HDF5 file is probe's only if it says so
     except OSError:
-        return False
+        return bool(re.search(r"__[0-9a-f]{10}\.h5$", path.name))
 
 
 def _held(lock_file: Path) -> bool:

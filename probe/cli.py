@@ -270,6 +270,9 @@ def _print_metrics(out, m, as_json):
         click.echo(f"calibration: ECE {c['ece']:.3f}, NLL {c['nll']:.3f}, Brier {c['brier']:.3f}"
                    + (f" (before temperature {m['temperature_scaling']['temperature']:.2f}: ECE {before['ece']:.3f})"
                       if before else ""))
+        if m.get("temperature_scaling", {}).get("at_search_bound"):
+            click.echo(f"note: the temperature is at the edge of its search, fitted on "
+                       f"{m['temperature_scaling']['n_calibration']} held-out images: it does not calibrate this head well")
     if m.get("classes_without_test_images"):
         click.echo(f"note: no test images of {', '.join(m['classes_without_test_images'])}: "
                    "their per-class accuracy is null in metrics.json")

@@ -109,7 +109,8 @@ def paired_markdown(rows: list[dict]) -> str:
     lines = ["| A | B | accuracy A - B | 95% interval (paired bootstrap) | A right, B wrong | B right, A wrong | "
              "McNemar p |", "|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['a_method']} on {r['a_model']} | {r['b_method']} on {r['b_model']} | "
+        lines.append(f"| {r['a_method']} on {r['a_model']} ({Path(r['a']).name}) | {r['b_method']} on {r['b_model']} "
+                     f"({Path(r['b']).name}) | "
                      f"{100 * r['difference']:+.2f} points | [{100 * r['interval'][0]:+.2f}, {100 * r['interval'][1]:+.2f}] | "
                      f"{r['only_a_right']} | {r['only_b_right']} | {r['mcnemar_p']:.3g} |")
     return "\n".join(lines) + "\n"
@@ -126,6 +127,8 @@ def compare(paths: list[str | os.PathLike], *, out: str | os.PathLike = "runs/co
     rows = table(runs)
     out = Path(out)
     make_dir(out)
+    if plot is not None:  # both folders made before any file is written
+        make_dir(plot)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore")
     writer.writeheader()
@@ -324,30 +327,32 @@ def pivot(runs: list[dict], failures: list[dict] = (), merge: bool = False) -> d
 
 
 def _not_below_best(shown: dict, columns: list) -> list:
-    """Per data set, the cells not significantly below its best: the best, and every run on the same test
-    images whose paired bootstrap interval of (best - it) reaches 0. Runs without predictions.h5 (probe
-    0.3) are left out of the comparison."""
+    """The cells not significantly below the best run on the same test images: for each data set and each
+    set of test images in it (another class selection is another set), its best, and every run whose
+    paired bootstrap interval of (best - it) reaches 0. A run without predictions.h5 (probe 0.3) can be the
+    best but is compared with nothing."""
     from probe import stats
     from probe.runs import load_predictions
 
     marked = []
     for column in columns:
-        here = [(cell, r) for cell, r in shown.items() if cell[1] == column and r.get("test_set_hash")
-                and (Path(r["path"]).parent / "predictions.h5").exists()]
-        if not here:
-            continue
-        best_cell, best = max(here, key=lambda item: item[1]["test_accuracy"])
-        marked.append(best_cell)
-        truth = None
-        for cell, r in here:
-            if cell == best_cell or r["test_set_hash"] != best["test_set_hash"]:
+        groups = {}
+        for cell, r in shown.items():
+            if cell[1] == column:
+                groups.setdefault(r.get("test_set_hash") or r["path"], []).append((cell, r))
+        for here in groups.values():
+            best_cell, best = max(here, key=lambda item: item[1]["test_accuracy"])
+            marked.append(best_cell)
+            has = lambda r: bool(r.get("test_set_hash")) and (Path(r["path"]).parent / "predictions.h5").exists()  # noqa: E731
+            if not has(best):
                 continue
-            if truth is None:
-                b = load_predictions(Path(best["path"]).parent)
-                truth, best_right = b["true"], b["predicted"] == b["true"]
-            other = load_predictions(Path(r["path"]).parent)
-            if stats.paired_difference(truth, best_right, other["predicted"] == truth)["interval"][0] <= 0:
-                marked.append(cell)
+            b = load_predictions(Path(best["path"]).parent)
+            truth, best_right = b["true"], b["predicted"] == b["true"]
+            for cell, r in here:
+                if cell != best_cell and has(r):
+                    other = load_predictions(Path(r["path"]).parent)
+                    if stats.paired_difference(truth, best_right, other["predicted"] == truth)["interval"][0] <= 0:
+                        marked.append(cell)
     return marked
 
 
@@ -368,8 +373,9 @@ def pivot_markdown(table: dict) -> str:
                                                              for c in table["columns"])
                      + f" | {cell(mean)}{note} |")
     if table.get("best"):
-        lines += ["", "Bold: the best of its data set, and every cell not significantly below it (a paired "
-                  "bootstrap 95% interval of the difference that reaches 0). ±: half the 95% interval, in points."]
+        lines += ["", "Bold: the best of its data set (of each set of test images in it), and every run on the same "
+                  "test images not significantly below it (a paired bootstrap 95% interval of the difference that "
+                  "reaches 0). ±: half the 95% interval, in points."]
     lines += ["", *(f"- {n}" for n in table.get("notes", []))] if table.get("notes") else []
     return "\n".join(lines) + "\n"
 

@@ -6,7 +6,8 @@ same images for every model, layer and head on the data set, and nested in k), e
 ordinary `probe fit` run (its identity holds k as train_per_class and the seed; a finished one is read
 back) and scored on the full test split. `all` is the whole training split, fitted once (seed 0).
 Where k is too small for logreg's 20% validation split, its C is chosen by k-fold validation on the
-episode, and with k = 1 it is fixed (probe.heads.ONE_IMAGE_C; docs/heads.md says why).
+episode, and with k = 1 it is fixed (probe.heads.ONE_IMAGE_C; docs/statistics.md says why). kNN on an
+episode of k votes among k neighbours.
 
 Writes curve.json, curve.csv, curve.md (mean ± standard deviation over seeds, and a 95% bootstrap
 interval of that mean) and curve.png (test accuracy against labelled images per class, log scale, a
@@ -62,15 +63,20 @@ def curve(caches: list[str | os.PathLike], *, heads: list[str] | tuple = ("logre
     unknown = [h for h in heads if h not in HEADS]
     if unknown:
         raise ProbeError(f"unknown head(s) {', '.join(unknown)}: choose from {', '.join(HEADS)}")
-    opened = [open_cache(c) for c in caches]  # every input checked before any work
+    opened = []
+    for c in caches:  # every input checked before any work; a cache given twice is one line
+        cache = open_cache(c)
+        if all(o.path.resolve() != cache.path.resolve() for o in opened):
+            opened.append(cache)
     numeric = [k for k in shots if k != "all"]
     for cache in opened:
         if layer is not None:
             cache.layer_group(layer)
         fewest = int(np.bincount(cache.labels("train")).min())
         if numeric and max(numeric) > fewest:
+            held = "" if "test" in cache.splits else " (with no test split, a fifth of them are held out as one)"
             raise ProbeError(f"--shots {max(numeric)}, but a class of {cache.path.name} has only {fewest} training "
-                             "images (with no test split, a fifth of them are held out as one)")
+                             f"images{held}")
     lines = []
     for cache in opened:
         for head in heads:
@@ -78,8 +84,11 @@ def curve(caches: list[str | os.PathLike], *, heads: list[str] | tuple = ("logre
             for k in shots:
                 runs = []
                 for seed in (range(seeds) if k != "all" else [0]):
+                    # kNN on a k-shot episode votes among k neighbours (1-NN for one shot), so it never sees
+                    # more neighbours than a class has images; on all of them, its default k.
                     result = fit(head=head, features=str(cache.path), layer=layer, runs_dir=runs_dir, device=device,
-                                 train_per_class=None if k == "all" else k, seed=seed, reuse=True)
+                                 train_per_class=None if k == "all" else k, seed=seed, reuse=True,
+                                 k=k if head == "knn" and k != "all" else None)
                     runs.append(result.metrics | {"run": str(result.out)})
                 accuracies = np.array([r["test_accuracy"] for r in runs])
                 point = {"shots": k, "images_per_class": k if k != "all" else runs[0]["n_train"] / len(runs[0]["classes"]),
@@ -94,7 +103,16 @@ def curve(caches: list[str | os.PathLike], *, heads: list[str] | tuple = ("logre
                     print(f"{cache.attrs['model']} {head} k={k}: {point['mean']:.2%} ± {100 * point['std']:.1f} "
                           f"({point['seeds']} seed(s))", flush=True)
             lines.append({"cache": str(cache.path), "model": cache.attrs["model"], "weights": cache.attrs["weights"],
-                          "dataset": cache.attrs["dataset"], "layer": layer or "final", "head": head, "points": points})
+                          "dataset": cache.attrs["dataset"], "layer": layer or "final", "head": head, "points": points,
+                          "differs": ""})
+    # Lines of caches that differ in more than the model: labelled by the key's fields that differ.
+    from probe import identity
+
+    fields = identity.differences([c.key for c in opened]) if len(opened) > 1 else []
+    fields = [f for f in fields if f not in ("model", "family")]
+    for line in lines:
+        key = next(c.key for c in opened if str(c.path) == line["cache"])
+        line["differs"] = identity.describe(key, fields) if fields else ""
     result = {"lines": lines, "shots": list(shots), "seeds": seeds,
               "interval": f"{CONFIDENCE:.0%} percentile bootstrap of the mean over seeds ({RESAMPLES} resamples); "
                           "for one seed, its bootstrap over test images"}
@@ -115,8 +133,8 @@ def _interval_of_mean(values: np.ndarray) -> list[float]:
 
 def _label(line: dict, lines: list[dict]) -> str:
     label = f"{line['model']} / {line['head']}"
-    if len({l_['weights'] for l_ in lines}) > 1:
-        label += f" ({line['weights']})"
+    if line.get("differs"):
+        label += f" [{line['differs']}]"
     return label + (f" / {line['layer']}" if line["layer"] != "final" else "")
 
 
@@ -137,13 +155,13 @@ def table_markdown(result: dict) -> str:
 def table_csv(result: dict) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["model", "weights", "layer", "head", "shots", "seeds", "mean", "std", "interval_low",
-                     "interval_high"])
+    writer.writerow(["model", "weights", "layer", "head", "cache", "differs", "shots", "seeds", "mean", "std",
+                     "interval_low", "interval_high"])
     for line in result["lines"]:
         for p in line["points"]:
             low, high = p["interval"] or ("", "")
-            writer.writerow([line["model"], line["weights"], line["layer"], line["head"], p["shots"], p["seeds"],
-                             p["mean"], p["std"], low, high])
+            writer.writerow([line["model"], line["weights"], line["layer"], line["head"], line["cache"], line["differs"],
+                             p["shots"], p["seeds"], p["mean"], p["std"], low, high])
     return buffer.getvalue()
 
 

@@ -33,7 +33,9 @@ from probe.errors import ProbeError
 from probe.device import resolve_device
 from probe.files import atomic_write, make_dir
 from probe.runs import FitResult, folder_name, load_head, save_run
-from probe.selection import TEST_FRACTION, balanced_rows, class_indices, holdout_description, holdout_rows
+from probe import stats
+from probe.selection import (TEST_FRACTION, balanced_rows, class_indices, holdout_description, holdout_rows,
+                             test_set_identity)
 from probe.train import train_epochs
 
 log = logging.getLogger("probe")
@@ -119,6 +121,8 @@ class _Subset:
     test_pixels: np.ndarray
     test_labels: np.ndarray
     test_split: str  # how the test split was made
+    test_source: str  # the split the test images are rows of: "test", or "train" when held out of it
+    test_rows: np.ndarray  # their rows there (as probe fit's plan has them)
 
 
 def _load(source: ImageDataset, pre, classes, train_per_class, seed, test_fraction=None) -> _Subset:
@@ -130,20 +134,21 @@ def _load(source: ImageDataset, pre, classes, train_per_class, seed, test_fracti
     if "test" in source.splits:
         if test_fraction is not None:
             raise ProbeError(f"data set {dataset} has a test split; --test-fraction is for data sets without one")
-        test, test_split = source.splits["test"], source.protocol
+        test, test_split, source_rows, test_source = source.splits["test"], source.protocol, None, "test"
     else:  # the same held-out rows as probe fit with the same seed and fraction
         fraction = TEST_FRACTION if test_fraction is None else test_fraction
         if not 0 < fraction < 1:
             raise ProbeError(f"--test-fraction must be between 0 and 1, not {fraction}")
-        train_rows, test_rows = holdout_rows(train.labels, keep, fraction, seed, source.classes)
+        train_rows, test_rows = holdout_rows(train.labels, keep, fraction, source.classes)
         train, test = train.subset(train_rows), train.subset(test_rows)
-        test_split = holdout_description(fraction, len(test_rows), seed)
+        test_split, source_rows, test_source = holdout_description(fraction, len(test_rows)), test_rows, "train"
     rows = balanced_rows(train.labels, keep, train_per_class, seed, source.classes, dataset)
     test_rows = np.flatnonzero(np.isin(test.labels, keep))
     if not len(test_rows):
         raise ProbeError(f"data set {dataset} has no test images of the selected classes; choose others with --classes")
     return _Subset([source.classes[c] for c in keep], _in_memory(train.subset(rows), pre), remap[train.labels[rows]],
-                   _in_memory(test.subset(test_rows), pre), remap[test.labels[test_rows]], test_split)
+                   _in_memory(test.subset(test_rows), pre), remap[test.labels[test_rows]], test_split, test_source,
+                   test_rows if source_rows is None else source_rows[test_rows])
 
 
 # Bumped when fine-tuning changes its numbers for the same options, so no earlier checkpoint is resumed.
@@ -290,14 +295,18 @@ def finetune(*, progress: bool = True, **options) -> FitResult:
     if curve_test is not None and curve_test < len(data.test_labels):
         curve_rows = np.sort(np.random.default_rng(seed).choice(len(data.test_labels), curve_test, replace=False))
 
+    final = {}  # the probabilities of the last evaluation of every test image, for the run's statistics
+
     def evaluate(rows=None):
         split = test_split if rows is None else test_split.subset(rows)
-        correct = 0
+        probabilities = []
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=amp):
-            for i, images in enumerate(iter_batches(split, pre, 256, dev)):
-                labels = torch.from_numpy(split.labels[i * 256:(i + 1) * 256]).to(dev)
-                correct += (net(images).argmax(1) == labels).sum().item()
-        return correct / len(split)
+            for images in iter_batches(split, pre, 256, dev):
+                probabilities.append(torch.softmax(net(images).float(), 1).cpu().numpy())
+        probabilities = np.concatenate(probabilities)
+        if rows is None:
+            final["probabilities"] = probabilities
+        return float((probabilities.argmax(1) == split.labels).mean())
 
     checkpoint = out_dir / "checkpoint.pt"
     state = _load_checkpoint(checkpoint, prep.identity) if resume else None
@@ -337,12 +346,24 @@ def finetune(*, progress: bool = True, **options) -> FitResult:
 
     set_trainable(net, "full" if strategy == "lp-ft" else strategy, last_stage, unfreeze, bn)
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    if "probabilities" not in final or curve_rows is not None:  # no pass of the final model over every test image yet
+        net.eval()
+        evaluate()
+    probabilities, yt = final["probabilities"], data.test_labels
+    ranked = np.argsort(-probabilities, axis=1, kind="stable")
+    correct, top5 = ranked[:, 0] == yt, (ranked[:, :5] == yt[:, None]).any(1)
+    tested = test_set_identity(dataset=prep.source.name, fingerprint=prep.source.fingerprint,
+                               protocol=prep.source.protocol, source=data.test_source, split=data.test_split,
+                               classes=data.classes, rows=data.test_rows, labels=yt)
     wall = time.perf_counter() - t_start
     metrics = {
         "kind": "finetune", "method": f"finetune-{strategy}", "model": model, "weights": weights, "resolution": pre.size,
         "dataset": config["dataset"], "classes": data.classes, "n_train": int(len(data.labels)), "n_test": int(len(data.test_labels)),
         "test_split": data.test_split,
-        "test_accuracy": history[-1]["test_accuracy"] if curve_rows is None else evaluate(),
+        "test_accuracy": float(correct.mean()),
+        # As probe fit: 95% bootstrap intervals over the test images, calibration, the test images' identity.
+        "intervals": stats.intervals(yt, correct, top5 if len(data.classes) > 5 else None), "interval_method": stats.METHOD,
+        "calibration": stats.calibration(probabilities, yt), "test_set": tested, "test_set_hash": identity.digest(tested),
         "curve_test_images": len(data.test_labels) if curve_rows is None else len(curve_rows),
         "trainable_parameters": trainable,
         "total_parameters": sum(p.numel() for p in net.parameters()), "hyperparameters": config,
@@ -350,7 +371,8 @@ def finetune(*, progress: bool = True, **options) -> FitResult:
         "wall_seconds": wall, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds"),
         "identity": prep.identity, "identity_hash": identity.digest(prep.identity),
     }
-    save_run(out_dir, None, metrics)
+    save_run(out_dir, None, metrics, predictions={"rows": data.test_rows, "true": yt, "probabilities": probabilities,
+                                                  "source": data.test_source, "classes": data.classes})
     return FitResult(out_dir, metrics)
 
 

@@ -29,7 +29,7 @@ from probe.heads import VAL_FRACTION, make_head, rank_classes, validation_split
 from probe.rows import Part, Rows, parse_bytes
 from probe.runs import HEAD_FORMAT, FitResult, folder_name, save_run  # noqa: F401  (FitResult: re-exported)
 from probe.runs import finished as finished_run
-from probe.selection import TEST_FRACTION, Plan, plan, stores
+from probe.selection import TEST_FRACTION, Plan, plan, stores, test_set_identity
 
 # Bumped when probe's fitting changes its numbers for the same options, so no earlier run is reused.
 REVISION = 1
@@ -122,7 +122,7 @@ def prepare(*, head: str = "logreg", features: str | None = None, model: str | N
             temperature: float | None = None,
             epochs: int | None = None, device: str = "auto", runs_dir: str = "runs",
             test_fraction: float | None = None, class_weight: str | None = None, views: int | None = None,
-            augment: str = "rrc", precision: str = "auto", compile: bool = False,
+            augment: str | None = None, precision: str = "auto", compile: bool = False,
             pool: str | None = None, layer: str | None = None, data_options: dict | None = None,
             max_memory: str | int | None = None, calibrate: str | None = None) -> Prepared:
     """Find the cache, plan the rows, build the head and compute the run's identity; nothing is fitted.
@@ -151,7 +151,8 @@ def prepare(*, head: str = "logreg", features: str | None = None, model: str | N
         budget = (budget - held) * 3 // 4
     cache = find_cache(features=features, model=model, dataset=dataset, weights=weights, resolution=resolution,
                        dtype=dtype, data_dir=data_dir, cache_dir=cache_dir, pool=pool, layer=layer, views=views,
-                       augment=augment, precision=precision, compile=compile, device=device, data_options=data_options)
+                       augment=augment or "rrc", precision=precision, compile=compile, device=device,
+                       data_options=data_options)
     p = plan(cache, classes=classes, train_per_class=train_per_class, seed=seed, test_fraction=test_fraction)
     if calibrate not in (None, "temperature"):
         raise ProbeError(f"unknown --calibrate {calibrate!r}: choose temperature")
@@ -160,7 +161,8 @@ def prepare(*, head: str = "logreg", features: str | None = None, model: str | N
         held = validation_split(p.y, None, VAL_FRACTION, seed)
         if held is None:
             raise ProbeError("--calibrate temperature holds out 20% of the training images of each class: too few "
-                             "images here (at least 2 per class, and a held-out image of every class)")
+                             "images here (it needs a held-out image of every class: about 5 training images per "
+                             "class or more)")
         calibration = (p.train_rows[held], p.y[held])
         p = p._replace(train_rows=p.train_rows[~held], y=p.y[~held])
     # All stored views by default; a layer has none (views hold the final feature only).
@@ -191,6 +193,19 @@ def prepare(*, head: str = "logreg", features: str | None = None, model: str | N
               "linear": {"epochs": epochs, "random_state": seed, "device": device, "class_weight": class_weight},
               "mlp": {"epochs": epochs, "random_state": seed, "device": device, "class_weight": class_weight}
               }.get(head, {})
+    if head == "knn":  # a --k given (the default k on fewer rows: the head takes all rows but one)
+        smallest = min(k) if isinstance(k, tuple) else k
+        if smallest is not None and smallest >= len(train):
+            raise ProbeError(f"--k {smallest}, but there are only {len(train)} training rows: with k at least the "
+                             "training set every vote is the class shares, at chance; give a smaller --k")
+    for option, value, heads_of in (("--C", C, ("logreg",)), ("--k", k, ("knn",)), ("--epochs", epochs, ("linear", "mlp"))):
+        if value is not None and head not in heads_of:
+            raise ProbeError(f"{option} is for --head {' or '.join(heads_of)}, not {head}")
+    if augment is not None and not views:
+        raise ProbeError("--augment names the views of a cache extracted with --views N: give --views N too")
+    held_views = (cache.key.get("augment") or {}).get("kind")
+    if features is not None and augment is not None and held_views != augment:
+        raise ProbeError(f"{cache.path.name} holds {held_views or 'no'} views, not {augment}")
     estimator = make_head(head, **params)
     spec = {
         "artifact": "fit", "revision": REVISION, "cache": cache.key, "head": head,
@@ -277,6 +292,9 @@ def run(prep: Prepared) -> FitResult:
         temperature = stats.fit_temperature(held, prep.calibration.labels)
         calibrated = {"method": "temperature scaling (one T, fitted on the held-out training images by NLL)",
                       "temperature": temperature, "n_calibration": int(len(prep.calibration)),
+                      # A temperature at the edge of its search fits the held-out images badly (too few of them,
+                      # or probabilities of 0 and 1 such as kNN's): said, not hidden.
+                      "at_search_bound": bool(abs(abs(np.log(temperature)) - stats.TEMPERATURE_BOUND) < 1e-3),
                       "before": stats.calibration(full, yt),
                       "after": stats.calibration(stats.apply_temperature(full, temperature), yt)}
     metrics = {
@@ -324,13 +342,10 @@ def run(prep: Prepared) -> FitResult:
 
 
 def test_set(cache: FeatureCache, p: Plan) -> dict:
-    """The identity of the test images a run is scored on: two runs compare pairwise only when it is equal."""
-    import hashlib
-
-    return {"dataset": cache.key["dataset"], "fingerprint": cache.key["fingerprint"], "protocol": cache.key["protocol"],
-            "source": p.test_source, "split": p.test_split, "classes": p.names,
-            "rows": hashlib.sha256(np.asarray(p.test_rows, np.int64).tobytes() + np.asarray(p.yt, np.int64).tobytes())
-            .hexdigest()[:16]}
+    """The identity of the test images a fit is scored on (probe.selection.test_set_identity)."""
+    key = cache.key
+    return test_set_identity(dataset=key["dataset"], fingerprint=key["fingerprint"], protocol=key["protocol"],
+                             source=p.test_source, split=p.test_split, classes=p.names, rows=p.test_rows, labels=p.yt)
 
 
 def _fit_streamed(estimator, head: str, train: Rows, groups: np.ndarray | None):

@@ -49,7 +49,14 @@ def finished(out_dir: str | os.PathLike, spec: dict, needs_head: bool = True) ->
         return None
     if not isinstance(metrics, dict) or not identity.same(metrics.get("identity"), spec):
         return None
-    return metrics if not needs_head or (out_dir / "head.joblib").exists() else None
+    if not needs_head:
+        return metrics
+    try:  # a run is reused only whole: its head loads and its predictions read
+        load_head(out_dir)
+        load_predictions(out_dir)
+    except ProbeError:
+        return None
+    return metrics
 
 
 TOP_K = 5  # classes kept per test image in predictions.h5
@@ -81,7 +88,7 @@ def load_predictions(run: str | os.PathLike) -> dict:
 
     path = Path(run) / "predictions.h5" if Path(run).is_dir() else Path(run)
     if not path.is_file():
-        raise ProbeError(f"no predictions.h5 in {path.parent}: runs of probe 0.3 and older keep none; fit again")
+        raise ProbeError(f"no predictions.h5 in {path.parent}: runs of probe 0.3 and older keep none; run the fit or fine-tune again")
     try:
         with h5py.File(path, "r") as f:
             out = {name: f[name][...] for name in ("row", "true", "predicted", "top_k", "top_k_probability", "p_true")}

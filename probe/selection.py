@@ -41,9 +41,10 @@ def plan(cache: FeatureCache, *, classes: list[str] | None = None, train_per_cla
          seed: int = 0, test_fraction: float | None = None) -> Plan:
     """Keep only `classes` (names or indices), and take a balanced seeded subset of train.
 
-    A cache without a test split (a folder with train/ only) gets one: a seeded, stratified
-    `test_fraction` (default 0.2) of its training images, held out before anything else sees train.
-    Labels are renumbered 0..len(classes)-1.
+    A cache without a test split (a folder with train/ only) gets one: a stratified `test_fraction`
+    (default 0.2) of its training images, held out before anything else sees train. It is the same
+    whatever `seed` (HOLDOUT_SEED draws it), so runs of every seed are scored on the same images and
+    compare pairwise. Labels are renumbered 0..len(classes)-1.
     """
     keep = class_indices(cache.classes, classes)
     y = cache.labels("train")
@@ -58,10 +59,10 @@ def plan(cache: FeatureCache, *, classes: list[str] | None = None, train_per_cla
         fraction = TEST_FRACTION if test_fraction is None else test_fraction
         if not 0 < fraction < 1:
             raise ProbeError(f"--test-fraction must be between 0 and 1, not {fraction}")
-        train_rows, test_rows = holdout_rows(y, keep, fraction, seed, cache.classes)
+        train_rows, test_rows = holdout_rows(y, keep, fraction, cache.classes)
         test_source, yt, test_index = "train", y[test_rows], test_rows
         y, index = y[train_rows], train_rows
-        test_split = holdout_description(fraction, len(test_rows), seed)
+        test_split = holdout_description(fraction, len(test_rows))
     remap = np.full(len(cache.classes), -1)
     remap[keep] = np.arange(len(keep))
     rows = balanced_rows(y, keep, train_per_class, seed, cache.classes, cache.path.name)
@@ -91,18 +92,21 @@ def stores(cache: FeatureCache, p: Plan, layer: str | None = None, views: int = 
     return Rows(path, parts, budget, key_hash=key_hash), Rows(path, [test], budget, keep=False, key_hash=key_hash)
 
 
-def holdout_description(fraction: float, n_test: int, seed: int) -> str:
+HOLDOUT_SEED = 0
+
+
+def holdout_description(fraction: float, n_test: int) -> str:
     return (f"held out of train: {fraction:g} of each class (at least one, at most all but one), "
-            f"{n_test} images, stratified, seed {seed}")
+            f"{n_test} images, stratified, seed {HOLDOUT_SEED} whatever --seed")
 
 
-def holdout_rows(labels: np.ndarray, keep: list[int], fraction: float, seed: int,
-                 names: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(train rows, test rows) of the kept classes: a seeded stratified split, at least one of each class on each side."""
-    rng = np.random.default_rng(seed)
+def holdout_rows(labels: np.ndarray, keep: list[int], fraction: float, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(train rows, test rows) of the kept classes: a stratified split, at least one of each class on each
+    side, each class's images ordered by a generator seeded by (HOLDOUT_SEED, class) alone: the same test
+    images for every seed, and for a class whatever other classes are kept."""
     train, test = [], []
     for c in keep:
-        rows = rng.permutation(np.flatnonzero(labels == c))
+        rows = np.random.default_rng((HOLDOUT_SEED, int(c))).permutation(np.flatnonzero(labels == c))
         if len(rows) < 2:
             raise ProbeError(f"class {names[c]!r} has {len(rows)} image(s): too few to hold out a test split; "
                              "add images or a test/ folder")
@@ -149,3 +153,14 @@ def class_indices(names: list[str], wanted: list[str] | None) -> list[int]:
     if len(set(indices)) < 2:
         raise ProbeError("--classes needs at least two different classes")
     return sorted(set(indices))
+
+
+def test_set_identity(*, dataset: str, fingerprint: str, protocol: str, source: str, split: str, classes: list[str],
+                      rows: np.ndarray, labels: np.ndarray) -> dict:
+    """The identity of the test images a run is scored on (the data, how its test split was made, the classes
+    kept, and which rows with which labels): fits and fine-tunes compare pairwise only when it is equal."""
+    import hashlib
+
+    digest = hashlib.sha256(np.asarray(rows, np.int64).tobytes() + np.asarray(labels, np.int64).tobytes())
+    return {"dataset": dataset, "fingerprint": fingerprint, "protocol": protocol, "source": source, "split": split,
+            "classes": list(classes), "rows": digest.hexdigest()[:16]}

@@ -118,7 +118,10 @@ def fit_temperature(probabilities: np.ndarray, y: np.ndarray) -> float:
         z -= z.max(1, keepdims=True)
         return float((np.log(np.exp(z).sum(1)) - z[rows, y]).mean())
 
-    return float(np.exp(minimize_scalar(nll, bounds=(-4, 4), method="bounded").x))
+    return float(np.exp(minimize_scalar(nll, bounds=(-TEMPERATURE_BOUND, TEMPERATURE_BOUND), method="bounded").x))
+
+
+TEMPERATURE_BOUND = 5.0  # log T is searched in [-5, 5]: T from 0.0067 to 148
 
 
 def apply_temperature(probabilities: np.ndarray, temperature: float) -> np.ndarray:

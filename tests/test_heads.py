@@ -11,7 +11,7 @@ from sklearn.preprocessing import StandardScaler
 
 from probe.cache import open_cache
 from probe.errors import ProbeError
-from probe.heads import HEADS, CosineKNN, LogisticProbe, TorchLinear, TorchMLP, make_head
+from probe.heads import HEADS, ONE_IMAGE_C, CosineKNN, LogisticProbe, TorchLinear, TorchMLP, make_head
 
 
 @pytest.fixture(scope="module")
@@ -114,11 +114,11 @@ def test_unknown_head_lists_the_valid_ones():
         make_head("svm")
 
 
-def test_logreg_without_enough_samples_to_validate_uses_the_default_C(features):
+def test_logreg_without_enough_samples_to_validate_uses_the_one_image_C(features):
     X, y, Xt, yt = features
     rows = np.concatenate([np.flatnonzero(y == c)[:1] for c in range(10)])  # one image per class
     head = LogisticProbe(device="cpu").fit(X[rows], y[rows])
-    assert head.C_ == 1.0 and head.sweep_ == []
+    assert head.C_ == ONE_IMAGE_C and head.sweep_ == [] and head.search_ == "one image per class"
     assert head.score(Xt, yt) > 0.1
 
 

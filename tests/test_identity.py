@@ -140,14 +140,14 @@ def variants(w) -> dict[str, dict[str, tuple[list, list]]]:
     f = [*ex, *cache_opts]
     held = ["--model", "resnet18", "--dataset", f"folder:{w['train_only']}", *tiny, *cache_opts]
     fit.update({
-        "head": (f, [*f, "--head", "knn"]),
+        "head": (f, [*f, "--head", "linear"]),
         "features": (f, ["--features", str(next(Path(w["cache_dir"]).glob("folder-train-only*.h5")))]),
         "classes": (f, [*f, "--classes", "cat,dog"]),
         "train_per_class": (f, [*f, "--train-per-class", "2"]),
         "seed": (f, [*f, "--seed", "1"]),
         "C": (f, [*f, "--C", "0.5"]),
-        "k": ([*f, "--head", "knn"], [*f, "--head", "knn", "--k", "2"]),
-        "temperature": ([*f, "--head", "knn"], [*f, "--head", "knn", "--temperature", "0.07"]),
+        "k": ([*f, "--head", "knn", "--k", "3"], [*f, "--head", "knn", "--k", "2"]),
+        "temperature": ([*f, "--head", "knn", "--k", "3"], [*f, "--head", "knn", "--k", "3", "--temperature", "0.07"]),
         "epochs": ([*f, "--head", "linear"], [*f, "--head", "linear", "--epochs", "3"]),
         "class_weight": (f, [*f, "--class-weight", "balanced"]),
         "test_fraction": (held, [*held, "--test-fraction", "0.4"]),
@@ -355,7 +355,7 @@ def test_8_knn_on_a_cache_with_views(world, run_cli):
     assert run_cli("extract", "--model", "resnet18", "--weights", "none", "--resolution", "32", "--dataset",
                    f"folder:{world['a']}", "--views", "1").exit_code == 0
     cache = next(Path("cache").glob("*__1xrrc__*.h5"))
-    result = run_cli("fit", "--features", cache, "--head", "knn", "--json")
+    result = run_cli("fit", "--features", cache, "--head", "knn", "--k", "5", "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["n_train_rows"] == 2 * json.loads(result.output)["n_train"]
 

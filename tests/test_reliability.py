@@ -41,14 +41,17 @@ def test_cache_ls_verify_rm(run_cli, tmp_path, sample_cache):
     good.write_bytes(sample_cache.read_bytes())
     bad = cache_dir / "sample__x__default__r64__float32__0000000000.h5"
     bad.write_bytes(sample_cache.read_bytes()[:5000])
-    (cache_dir / "other.h5.parts").mkdir()
+    (cache_dir / "other.h5.parts").mkdir()  # a shard folder of probe's (its key), and one of someone else's
+    (cache_dir / "other.h5.parts" / "key.json").write_text("{}")
+    (cache_dir / "theirs.h5.parts").mkdir()
 
     listing = run_cli("cache", "ls", "--cache-dir", cache_dir)
     assert listing.exit_code == 0, listing.output
     lines = listing.output.strip().splitlines()
     assert any(line.startswith("complete") and "train=1000 test=500" in line and "1280" in line for line in lines)
     assert any(line.startswith("corrupt") and bad.name in line for line in lines)
-    assert any(line.startswith("incomplete") for line in lines)
+    assert any(line.startswith("incomplete") and "other.h5.parts" in line for line in lines)
+    assert any(line.startswith("not probe's") and "theirs.h5.parts" in line for line in lines)
 
     assert run_cli("cache", "verify", good).exit_code == 0
     result = run_cli("cache", "verify", "--cache-dir", cache_dir)

@@ -187,3 +187,74 @@ def test_curve_through_the_cli(run_cli, sample_cache):
     again = run_cli("curve", sample_cache, "--shots", "1,4,all", "--seeds", "2", "--head", "logreg,knn")
     assert again.exit_code == 0 and json.loads(Path("runs/curve/curve.json").read_text()) == curve  # reused
     assert_one_line_error(run_cli("curve", sample_cache, "--shots", "500"), "--shots 500", "only 100")
+
+
+# Found by trying to break the above as a new user would (each reproduced first).
+
+def test_a_finetune_is_scored_with_intervals_and_pairs_with_a_fit_on_the_same_images(run_cli, tmp_path):
+    data = copy_sample(tmp_path / "d", per_class=6, test_per_class=4, classes=["cat", "dog", "ship"])
+    args = ["--model", "resnet18", "--weights", "none", "--resolution", "32", "--dataset", f"folder:{data}"]
+    assert run_cli("extract", *args).exit_code == 0
+    assert run_cli("fit", *args, "--out", "fit").exit_code == 0
+    tuned = run_cli("finetune", *args, "--strategy", "linear", "--epochs", "1", "--batch-size", "8", "--out", "ft",
+                    "--json")
+    assert tuned.exit_code == 0, tuned.output
+    m = json.loads(tuned.output[tuned.output.index("{"):tuned.output.rindex("}") + 1])
+    assert m["intervals"]["test_accuracy"][0] <= m["test_accuracy"] and "ece" in m["calibration"]
+    assert m["test_set_hash"] == json.loads(Path("fit/metrics.json").read_text())["test_set_hash"]
+    paired = run_cli("compare", "ft", "fit", "--paired")
+    assert paired.exit_code == 0 and "McNemar" in paired.output, paired.output
+
+
+def test_knn_with_k_past_the_training_set_and_options_of_other_heads_are_refused(run_cli, sample_cache):
+    assert_one_line_error(run_cli("fit", "--features", sample_cache, "--head", "knn", "--k", "1000"),
+                          "only 1000 training rows", "smaller --k")
+    assert_one_line_error(run_cli("fit", "--features", sample_cache, "--head", "logreg", "--k", "5"),
+                          "--k is for --head knn")
+    assert_one_line_error(run_cli("fit", "--features", sample_cache, "--augment", "crop"), "give --views N too")
+
+
+def test_the_held_out_test_split_is_the_same_for_every_seed(tmp_path):
+    from probe.cache import open_cache
+    from probe.extract import extract
+    from probe.selection import plan
+
+    data = copy_sample(tmp_path / "d", per_class=10, classes=["cat", "dog"])
+    cache = open_cache(extract(model="resnet18", weights="none", resolution=32, dataset=f"folder:{data}",
+                               cache_dir=str(tmp_path / "c"), progress=False).path)
+    assert (plan(cache, seed=0).test_rows == plan(cache, seed=3).test_rows).all()
+
+
+def test_the_suite_table_marks_the_best_of_each_set_of_test_images(run_cli, sample_cache):
+    assert run_cli("fit", "--features", sample_cache, "--out", "runs/all").exit_code == 0
+    assert run_cli("fit", "--features", sample_cache, "--classes", "cat,dog", "--out", "runs/two").exit_code == 0
+    table = run_cli("compare", "--pivot", "runs/all", "runs/two", "--out", "t")
+    assert table.exit_code == 0
+    rows = [line for line in table.output.splitlines() if line.startswith("| efficientnet_lite0")]
+    assert len(rows) == 2 and all("**" in r for r in rows)  # each the best on its own test images
+
+
+def test_a_damaged_run_is_fitted_again_not_reused(run_cli, tmp_path):
+    data = copy_sample(tmp_path / "d", per_class=6, test_per_class=2, classes=["cat", "dog"])
+    args = ["suite", "--models", "resnet18", "--datasets", f"folder:{data}", "--weights", "none", "--resolution", "32",
+            "--out", "s"]
+    assert run_cli(*args).exit_code == 0
+    [run] = [p for p in Path("s").iterdir() if p.is_dir()]
+    (run / "head.joblib").write_text("garbage")
+    assert run_cli(*args).exit_code == 0
+    assert json.loads(Path("s/suite.json").read_text())["pairs"][0]["status"] == "done"
+
+
+def test_cache_rm_refuses_a_readable_hdf5_without_probes_attributes_and_plot_checks_first(run_cli, sample_cache):
+    import h5py
+
+    Path("cache").mkdir()
+    other = Path("cache/mine__resnet18__none__r32__float32__0123456789.h5")
+    with h5py.File(other, "w") as f:
+        f["x"] = [1, 2]
+    assert_one_line_error(run_cli("cache", "rm", other), "not a probe cache")
+    assert other.exists()
+    assert run_cli("fit", "--features", sample_cache, "--out", "r").exit_code == 0
+    Path("afile").write_text("")
+    assert_one_line_error(run_cli("compare", "r", "--plot", "afile", "--out", "cmp"), "afile")
+    assert not Path("cmp").exists() or not any(Path("cmp").iterdir())
