@@ -30,13 +30,11 @@ from common import write_result  # noqa: E402
 from probe.cache import open_cache  # noqa: E402
 from probe.curve import curve  # noqa: E402
 from probe.fit import fit  # noqa: E402
-from probe.heads import DEFAULT_CS, ONE_IMAGE_C, LogisticProbe  # noqa: E402
+from probe.heads import DEFAULT_CS, DEFAULT_NORMALIZE, ONE_IMAGE_C, LogisticProbe, normalization_steps  # noqa: E402
 from probe.selection import balanced_rows  # noqa: E402
 
 
 def rule_evidence(path: str, pool: int, validation: int, shots: list[int], seeds: int) -> dict:
-    from sklearn.preprocessing import StandardScaler
-
     X, y = open_cache(path).load("train")
     classes = np.unique(y)
     order = {c: np.flatnonzero(y == c) for c in classes}
@@ -46,8 +44,11 @@ def rule_evidence(path: str, pool: int, validation: int, shots: list[int], seeds
     for k in shots:
         for seed in range(seeds):
             train = pool_rows[balanced_rows(y[pool_rows], list(classes), k, seed, [str(c) for c in classes], "pool")]
-            scaler = StandardScaler().fit(X[train])
-            Xt, Xv = scaler.transform(X[train]).astype(np.float32), scaler.transform(X[val_rows]).astype(np.float32)
+            Xt, Xv = X[train], X[val_rows]
+            for step in normalization_steps(DEFAULT_NORMALIZE):  # as probe fit normalizes, fitted on the episode
+                step.fit(Xt)
+                Xt, Xv = step.transform(Xt), step.transform(Xv)
+            Xt, Xv = Xt.astype(np.float32), Xv.astype(np.float32)
             fixed = {C: float(LogisticProbe(C=C, device="cpu").fit(Xt, y[train]).score(Xv, y[val_rows])) for C in DEFAULT_CS}
             rule = LogisticProbe(device="cpu").fit(Xt, y[train])
             rows.append({"k": k, "seed": seed, "fixed_C": fixed, "rule_C": rule.C_, "rule_search": rule.search_,

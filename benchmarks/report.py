@@ -392,7 +392,8 @@ def render() -> str:
                      ("extract_throughput", throughput), ("extract_throughput_full", throughput),
                      ("strategies", strategies), ("lr_search", lr_search), ("bn_cause", bn_cause), ("views", views),
                      ("layers", layers), ("fingerprint", fingerprint), ("suite", suite), ("scale", scale),
-                     ("wds_reader", wds_reader), ("startup", startup), ("precision", precision), ("curve", curve)):
+                     ("wds_reader", wds_reader), ("startup", startup), ("precision", precision), ("curve", curve),
+                     ("protocol", protocol)):
         r = _load(name)
         if r is not None:
             parts.append("\n".join(fn(r)))
@@ -428,6 +429,61 @@ def curve(r: dict) -> list[str]:
             lines.append(f"| {feature} | {x['k']} | {x['rule_search']} | {x['rule']:.2%} | {x['sklearn_default_C1']:.2%} | "
                          f"{x['best_fixed']:.2%} (C = {x['best_fixed_C_in_hindsight']:.3g}) |")
     return lines + ["", _targets(r)]
+
+
+def _with_seeds(text: str, ref: dict, s: dict) -> str:
+    return text + (f" ({ref['n']} seed{'s' if ref['n'] > 1 else ''})" if ref["n"] != s["seeds"] else "")
+
+
+def protocol(r: dict) -> list[str]:
+    def combo(c):
+        return f"{c['normalize']} / {c['search']} / {c['validation']} / {'refit' if c['refit'] else 'no refit'}"
+
+    def mean_sd(x):
+        return f"{100 * x['mean']:.2f} ± {100 * x['sd']:.2f}" if x.get("sd") is not None else f"{100 * x['mean']:.2f}"
+    sets = r["sets"]
+    lines = [
+        f"**The logreg protocol** (`benchmarks/results/protocol.json`; {_machine(r)}): test accuracy (%), mean ± sd "
+        "over seeds (a seed draws the training subset and the validation split), on "
+        f"{len(sets)} feature sets; `probe fit` (its default: `--normalize {r['default']} --validation "
+        f"{r.get('default_validation', 'split')}`, the C grid, refit) beside the "
+        "CLIP paper's protocol run by scikit-learn (raw features, C by bisection over 1e-6..1e6, refit) and "
+        "CLIP_benchmark's own linear probe (L2-normalized features, AdamW; with its weight-decay search, and "
+        "without). Wall: seconds per fit." + ("" if r.get("complete", True) else " (partial: not every set has run)"),
+        "",
+        "| set | train x dim | seeds | probe fit | wall | best combination | CLIP paper (scikit-learn) | wall | "
+        "CLIP_benchmark search | CLIP_benchmark default |",
+        "|---|---|---:|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    for s in sets:
+        d, refs = s.get("probe_default") or s["probe_fit"][r["default"]], s["references"]
+        best = max(s["combinations"], key=lambda c: c["mean"])
+        sk = refs.get("clip_paper_sklearn")
+        cb, cd = refs.get("clip_benchmark_search"), refs.get("clip_benchmark_default")
+        lines.append(
+            f"| {s['name']} | {s['n_train']:,} x {s['dim']} | {s['seeds']} | {mean_sd(d)} | {d['wall_seconds']:.2f} | "
+            f"{combo(best)}: {100 * best['mean']:.2f} | "
+            + (f"{_with_seeds(mean_sd(sk), sk, s)} | {sk['wall_seconds']:.1f}" if sk else "not run | ")
+            + f" | {_with_seeds(mean_sd(cb), cb, s) if cb else '-'} | {_with_seeds(mean_sd(cd), cd, s) if cd else '-'} |")
+    rankings = [("every set", r["ranking"])]
+    if r.get("ranking_kfold_sets"):
+        rankings.append((f"the sets with k-fold runs ({', '.join(r['kfold_sets'])})", r["ranking_kfold_sets"]))
+    for over, ranked in rankings:
+        lines += ["", f"Combinations ranked by their mean gap to the best combination of each set, over {over} "
+                  "(points; the first 10 and probe's default; `auto`: k-fold up to 5,000 training "
+                  "images, the split beyond):", "",
+                  "| normalize / search / validation / refit | mean gap | worst gap |", "|---|---:|---:|"]
+        default = (r["default"], "grid", r.get("default_validation", "split"), True)
+        for i, c in enumerate(ranked):
+            if i < 10 or (c["normalize"], c["search"], c["validation"], c["refit"]) == default:
+                lines.append(f"| {i + 1}. {combo(c)} | {100 * c['mean_gap_to_best']:.2f} | "
+                             f"{100 * c['worst_gap_to_best']:.2f} |")
+    lines += ["", "probe fit's default against the best reference of each set: "
+              + "; ".join(f"{c['set']} {100 * c['gap']:+.2f} points"
+                          + (f" at {c['wall_ratio_to_clip_paper']:.3f}x the CLIP paper protocol's wall" if
+                             c["wall_ratio_to_clip_paper"] is not None else "") for c in r["checks"]) + ".",
+              "", _targets(r)]
+    return lines
 
 
 def summary() -> str:

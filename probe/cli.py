@@ -214,6 +214,10 @@ def extract(obj, **options):
 @click.option("--train-per-class", type=int, help="A balanced, seeded subset of N training images per class.")
 @click.option("--seed", type=int, help="Seed of the subset, the validation split and torch heads. [default: 0]")
 @click.option("--C", "C", type=float, help="logreg: this regularization strength instead of the sweep.")
+@click.option("--validation", type=click.Choice(["auto", "split", "kfold"]),
+              help="logreg: how the sweep scores each C: on a stratified 20% split of the training images, by "
+                   "stratified 5-fold validation, or auto (5-fold up to 5,000 training images, the split beyond). "
+                   "[default: auto]")
 @click.option("--k", help="knn: neighbours, or several (10,20,100,200): one search, each scored on a validation "
                          "split of the training images and the best used. [default: 20]")
 @click.option("--temperature", type=float, help="knn: weight each neighbour's vote by exp(similarity / T), as DINOv2 "
@@ -225,6 +229,11 @@ def extract(obj, **options):
                                 "extracted with. [default: rrc]")
 @click.option("--layer", help="Fit on this layer of a cache extracted with --layers (a name, or last4: the last "
                               "four concatenated). [default: the final feature]")
+@click.option("--normalize", type=click.Choice(["standardize", "none", "l2", "l2+standardize"]),
+              help="logreg/linear/mlp: what the features go through first: each feature to zero mean and unit "
+                   "variance (standardize), raw (none: the CLIP paper's probe), each row to unit length (l2: "
+                   "CLIP_benchmark's), or unit length then standardized. [default: l2+standardize, chosen by "
+                   "benchmarks/protocol.py]")
 @click.option("--class-weight", type=click.Choice(["balanced"]),
               help="logreg/linear/mlp: weight classes by n / (classes x count), scikit-learn's 'balanced'.")
 @click.option("--test-fraction", type=float,

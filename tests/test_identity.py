@@ -150,6 +150,8 @@ def variants(w) -> dict[str, dict[str, tuple[list, list]]]:
         "temperature": ([*f, "--head", "knn", "--k", "3"], [*f, "--head", "knn", "--k", "3", "--temperature", "0.07"]),
         "epochs": ([*f, "--head", "linear"], [*f, "--head", "linear", "--epochs", "3"]),
         "class_weight": (f, [*f, "--class-weight", "balanced"]),
+        "normalize": (f, [*f, "--normalize", "l2"]),
+        "validation": (f, [*f, "--validation", "kfold"]),
         "test_fraction": (held, [*held, "--test-fraction", "0.4"]),
         "layer": (f, [*f, "--layer", "layer3"]),
         "calibrate": ([*f, "--dataset", f"folder:{w['larger']}"],

