@@ -106,6 +106,9 @@ def main(argv=None):
     p.add_argument("--train-per-class", type=int, default=500)
     p.add_argument("--test-per-class", type=int, default=100)
     p.add_argument("--resolution", type=int, default=224)
+    p.add_argument("--matmul-size", type=int, default=4096,
+                   help="n of the n x n matmul that measures the CPU's rate (a CPU without bf16 hardware takes "
+                        "minutes at 4096)")
     p.add_argument("--in-process", action="store_true", help="no fresh processes: a check of the script, not a measurement")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -116,7 +119,7 @@ def main(argv=None):
         tmp = Path(tmp)
         data = folder_subset(args.data, tmp / "throughput", {"train": args.throughput_per_class,
                                                               "test": args.throughput_per_class})
-        rates = {prec: matmul_rate(prec) for prec in ("fp32", "bf16", "fp16")
+        rates = {prec: matmul_rate(prec, args.matmul_size) for prec in ("fp32", "bf16", "fp16")
                  if any(CONFIGS[c][0] == prec for c in configs)}
         for model in args.models.split(","):
             macs = multiply_adds(model, args.resolution)

@@ -149,7 +149,7 @@ def test_precision_smoke(tmp_path):
     precision.main(["--data", str(SAMPLE_DIR), "--models", "resnet18", "--configs", "fp32,bf16",
                     "--throughput-per-class", "2", "--accuracy-configs", "fp32,bf16", "--train-per-class", "5",
                     "--test-per-class", "2", "--resolution", "32", "--accuracy-model", "resnet18", "--accuracy-weights",
-                    "none", "--in-process", "--out", str(out)])
+                    "none", "--matmul-size", "256", "--in-process", "--out", str(out)])
     r = json.loads(out.read_text())
     assert [row["config"] for row in r["rows"]] == ["fp32", "bf16"] and r["rows"][0]["forward_speedup_over_fp32"] == 1
     assert all(row["multiply_adds_per_image"] > 0 and row["share_of_matmul_rate"] > 0 for row in r["rows"])
