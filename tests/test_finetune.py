@@ -153,12 +153,14 @@ def test_lp_ft_starts_from_a_fitted_head_with_its_scaler_folded_in(sample_cache,
     fitted = fit(features=str(sample_cache), head=head, out=str(tmp_path / "h")).metrics
     cache = open_cache(sample_cache)
     net = Classifier("efficientnet_lite0", "none", 32, 10)
-    _init_from_head(net.fc, str(tmp_path / "h"), fitted["classes"])
+    # The default normalization (l2+standardize): the scaler is folded in, the L2 step stays before the layer.
+    net.l2_features = _init_from_head(net.fc, str(tmp_path / "h"), fitted["classes"])
+    assert net.l2_features
     features, _ = cache.load("test")
     import joblib
     expected = joblib.load(tmp_path / "h" / "head.joblib")["pipeline"].predict_proba(features)
     with torch.no_grad():
-        got = torch.softmax(net.fc(torch.from_numpy(features)), 1).numpy()
+        got = torch.softmax(net.fc(torch.nn.functional.normalize(torch.from_numpy(features), dim=1)), 1).numpy()
     np.testing.assert_allclose(got, expected, atol=1e-4)
     with pytest.raises(ProbeError, match="fitted on classes"):
         _init_from_head(net.fc, str(tmp_path / "h"), fitted["classes"][::-1])
