@@ -54,11 +54,12 @@ def scaled_chunks(cache_path: Path, budget: int):
 
 @pytest.mark.parametrize("C", [0.05, None], ids=["fixed-C", "sweep"])
 def test_chunked_logreg_is_the_in_memory_solution(sample_cache, C):
+    # The chunked objective is what is checked, not the validation rule: one 20% split, not five folds.
     train, scaler, chunks = scaled_chunks(sample_cache, budget=1 << 20)
     assert train.chunk_rows < len(train)  # several chunks, and only part of them kept between passes
     X = scaler.transform(train.load().astype(np.float64))
-    ours = LogisticProbe(C=C, tol=TIGHT, sweep_tol=TIGHT, device="cpu").fit(X, train.labels)
-    chunked = LogisticProbe(C=C, tol=TIGHT, sweep_tol=TIGHT, device="cpu").fit_chunks(chunks, train.labels, None,
+    ours = LogisticProbe(C=C, tol=TIGHT, sweep_tol=TIGHT, device="cpu", validation="split").fit(X, train.labels)
+    chunked = LogisticProbe(C=C, tol=TIGHT, sweep_tol=TIGHT, device="cpu", validation="split").fit_chunks(chunks, train.labels, None,
                                                                                      train.dim, np.float64)
     assert ours.coef_.dtype == np.float64 and chunked.C_ == ours.C_ and chunked.sweep_ == ours.sweep_
     np.testing.assert_allclose(chunked.coef_, ours.coef_, atol=COEF_ATOL)
@@ -149,13 +150,13 @@ train, _ = stores(cache, plan(cache), budget=1 << 20)
 scaler = StandardScaler().fit(train.load())  # the same scaler everywhere: the head is what is compared
 chunks = lambda keep=None: ((scaler.transform(X.astype(np.float64)), y) for X, y in train.chunks(keep))
 rows = sum(len(y) for _, y in train.chunks())
-head = LogisticProbe(C=None, tol=1e-9, sweep_tol=1e-9, device="cpu").fit_chunks(chunks, train.labels, None, train.dim,
+head = LogisticProbe(C=None, tol=1e-9, sweep_tol=1e-9, device="cpu", validation="split").fit_chunks(chunks, train.labels, None, train.dim,
                                                                                 np.float64)
 json.dump({"rank": w.rank, "rows": rows, "C": head.C_, "coef": head.coef_.tolist(), "intercept": head.intercept_.tolist()},
           open(sys.argv[2] + f".{w.rank}", "w"))
 # Then `probe fit` itself in the same job, as the command under torchrun runs it (-m probe ...).
 from probe.cli import main
-main(["-q", "fit", "--features", sys.argv[1], "--head", "logreg", "--out", sys.argv[3]])
+main(["-q", "fit", "--features", sys.argv[1], "--head", "logreg", "--validation", "split", "--out", sys.argv[3]])
 """
 
 
@@ -172,7 +173,7 @@ def test_two_ranks_fit_the_one_process_logreg_and_probe_fit_saves_once(sample_ca
     ranks = [json.loads((tmp_path / f"out.{r}").read_text()) for r in (0, 1)]
     train, scaler, _ = scaled_chunks(sample_cache, budget=1 << 20)
     assert ranks[0]["rows"] + ranks[1]["rows"] == len(train) and min(r["rows"] for r in ranks) > 0  # a share each
-    one = LogisticProbe(C=None, tol=1e-9, sweep_tol=1e-9, device="cpu").fit(
+    one = LogisticProbe(C=None, tol=1e-9, sweep_tol=1e-9, device="cpu", validation="split").fit(
         scaler.transform(train.load().astype(np.float64)), train.labels)
     for r in ranks:  # every rank holds the same head, and it is the one-process head
         assert r["C"] == one.C_
