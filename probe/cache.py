@@ -465,6 +465,16 @@ def remove_cache(path: str | os.PathLike) -> list[Path]:
     cache beside it; a lock another process holds, and an .h5 file that is not a probe cache, are refused.
     """
     path = Path(path)
+    if path.is_dir() and path.name == "text":  # the text embeddings (probe.zeroshot): recomputed when gone
+        removed = sorted(path.glob("*.npz"))
+        for f in removed:
+            f.unlink()
+        return removed
+    if path.parent.name == "text" and path.suffix == ".npz":
+        if not path.exists():
+            raise ProbeError(f"{path} not found")
+        path.unlink()
+        return [path]
     base = _base(path)
     if base.suffix != ".h5":
         raise ProbeError(f"{path} is not a cache file (*.h5, or its .parts, .tmp or .lock)")

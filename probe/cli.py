@@ -28,7 +28,8 @@ def _kwargs(**options) -> dict:
 DATA_OPTIONS = ("image_column", "label_column", "test_shards", "class_names")
 DATASET_HELP = ("cifar10, cifar100, stl10, svhn, flowers102, dtd, oxford_pets, food101, fgvc_aircraft, eurosat, "
                 "gtsrb, caltech101, sun397 (probe datasets), sample (bundled, offline), folder:PATH, "
-                "hf:NAME-OR-FOLDER[@CONFIG] or wds:PATTERN (WebDataset tar shards). [default: cifar10]")
+                "hf:NAME-OR-FOLDER[@CONFIG], wds:PATTERN (WebDataset tar shards) or captions:FILE (a Flickr or COCO "
+                "caption set, for probe retrieval). [default: cifar10]")
 
 
 def _data_source_options(fn):
@@ -206,7 +207,8 @@ def extract(obj, **options):
 
 
 @main.command()
-@click.option("--head", help="logreg, linear, mlp or knn. [default: logreg]")
+@click.option("--head", help="logreg, linear, mlp, knn, or zeroshot (an image-text model's cache extracted with --pool "
+                             "proj: its text tower's class embeddings, no training). [default: logreg]")
 @click.option("--features", help="A cache file to use instead of resolving one from the options below.")
 @_cache_options
 @click.option("--out", help="Run folder for head.joblib and metrics.json. [default: runs/<cache>__<head>__<identity>]")
@@ -236,6 +238,15 @@ def extract(obj, **options):
                    "benchmarks/protocol.py]")
 @click.option("--class-weight", type=click.Choice(["balanced"]),
               help="logreg/linear/mlp: weight classes by n / (classes x count), scikit-learn's 'balanced'.")
+@click.option("--class-text", help="zeroshot (and --init zeroshot): a file of the classes' text, one per line in the data set's class "
+                                    "order. [default: the CLIP paper's names for named data sets, else the class "
+                                    "names with _ as spaces]")
+@click.option("--init", type=click.Choice(["zeroshot"]),
+              help="logreg/linear on an image-text model's --pool proj cache: start from the zero-shot classifier "
+                   "(logreg: and regularize towards it, ||W - W0||^2 instead of ||W||^2); --class-text and "
+                   "--templates give its text. Needs --normalize l2 or l2+standardize.")
+@click.option("--templates", help="zeroshot (and --init zeroshot): a file of prompt templates, one per line, each with {c} for the class "
+                                  "name. [default: the CLIP paper's for the data set, else its 80 ImageNet ones]")
 @click.option("--test-fraction", type=float,
               help="Data sets without a test split: the share of train held out as one (stratified, seeded). [default: 0.2]")
 @click.option("--max-memory", help="A cap on the whole process's memory (2GB, 512MB), what probe and its libraries "
@@ -321,12 +332,19 @@ def cache():
 @_errors_to_exit_codes
 def cache_ls(cache_dir):
     """Each cache file: model, data set, split sizes, width, dtype, size on disk, complete or not."""
+    from pathlib import Path
+
     from probe.cache import list_caches
 
     for r in list_caches(cache_dir):
         splits = " ".join(f"{k}={v}" for k, v in r.get("splits", {}).items())
         what = f"{r['model']} on {r['dataset']}, width {r['width']} {r['dtype']}" if "model" in r else r.get("problem", "")
         click.echo(f"{r['status']:<24}{r['size_mb']:>9.1f} MB  {splits:<24} {what}  {r['file']}")
+    text = sorted(Path(cache_dir).glob("text/*.npz"))
+    if text:  # zero-shot's and retrieval's text embeddings (probe.zeroshot), recomputed when removed
+        size = sum(f.stat().st_size for f in text) / 1e6
+        click.echo(f"{'text embeddings':<24}{size:>9.1f} MB  {len(text)} file(s) in {Path(cache_dir) / 'text'}/ "
+                   "(probe cache rm FILE, or the folder, to have them recomputed)")
 
 
 @cache.command("verify")
@@ -422,6 +440,36 @@ def layers(model, pool):
 
 
 @main.command()
+@click.argument("cache", type=click.Path())
+@click.option("--layer", help="Retrieve with this layer of a cache extracted with --layers. [default: the final feature]")
+@click.option("--runs-dir", help="Where the run folder goes. [default: runs]")
+@click.option("--out", help="Run folder for retrieval.json. [default: runs/<cache>__retrieval__<identity>]")
+@click.option("--device", help="auto, cpu or cuda. [default: auto]")
+@click.option("--json", "as_json", is_flag=True, help="Print retrieval.json.")
+@_errors_to_exit_codes
+def retrieval(cache, as_json, **options):
+    """Image-to-image retrieval on cached features: each test image queries the training images by cosine
+    similarity, relevant when of its class. Reports recall@1/5/10 and mAP with 95% bootstrap intervals
+    over the queries; no head is trained. On a caption set's cache (--dataset captions:FILE, --pool proj
+    of an image-text model): text-to-image and image-to-text recall@1/5/10, as CLIP_benchmark counts them."""
+    from probe.retrieval import retrieval as run
+
+    m = run(cache, **_kwargs(**options))
+    if as_json:
+        click.echo(json.dumps(m, indent=2))
+        return
+    show = lambda key: f"{100 * m[key]:.2f} [{100 * m['intervals'][key][0]:.1f}, {100 * m['intervals'][key][1]:.1f}]"  # noqa: E731
+    if m.get("retrieval") == "image-text":
+        for direction, what in (("image", "text to image"), ("text", "image to text")):
+            click.echo(f"{what} on {m['model']} ({m['n_images']} images, {m['n_texts']} captions): "
+                       + ", ".join(f"R@{k} {show(f'{direction}_retrieval_recall@{k}')}" for k in (1, 5, 10)))
+    else:
+        click.echo(f"retrieval on {m['model']}: {m['n_queries']} test queries, {m['n_gallery']} training images: "
+                   + ", ".join(f"{key} {show(key)}" for key in ("recall@1", "recall@5", "recall@10", "mAP")))
+    click.echo(f"saved {m['out']}/retrieval.json")
+
+
+@main.command()
 @click.argument("caches", nargs=-1, type=click.Path())
 @click.option("--train-per-class", type=int, help="A balanced, seeded subset of N training images per class.")
 @click.option("--seed", type=int, help="Seed of the subset and the validation split. [default: 0]")
@@ -445,7 +493,9 @@ def depth(obj, caches, **options):
 
 @main.command()
 @click.argument("caches", nargs=-1, type=click.Path())
-@click.option("--head", help="Comma-separated heads: logreg, linear, mlp, knn. [default: logreg]")
+@click.option("--head", help="Comma-separated heads: logreg, linear, mlp, knn; on an image-text model's --pool proj "
+                             "cache also zeroshot (the k = 0 point) and logreg+zeroshot, linear+zeroshot (with --init "
+                             "zeroshot). [default: logreg]")
 @click.option("--shots", help="Labelled training images per class, and/or all. [default: 1,2,4,8,16,all]")
 @click.option("--seeds", type=int, help="Episodes (seeds 0..N-1) per number of images; all is fitted once. [default: 5]")
 @click.option("--layer", help="Fit on this layer of caches extracted with --layers. [default: the final feature]")
@@ -502,7 +552,7 @@ def compare(runs, out, plot, pivot, merge, paired):
 @main.command()
 @click.option("--models", required=True, help="Comma-separated backbones (any --model of probe extract).")
 @click.option("--datasets", required=True, help="Comma-separated data sets (any --dataset; probe datasets lists names).")
-@click.option("--head", help="Comma-separated heads: logreg, linear, mlp, knn. [default: logreg]")
+@click.option("--head", help="Comma-separated heads: logreg, linear, mlp, knn, zeroshot (image-text models: on their --pool proj cache). [default: logreg]")
 @click.option("--weights", help="default, none, or a weights file, for every model. [default: default]")
 @click.option("--resolution", type=int, help="Input size for every model. [default: each model's own]")
 @click.option("--train-per-class", type=int, help="A balanced, seeded subset of N training images per class.")

@@ -7,7 +7,9 @@ ordinary `probe fit` run (its identity holds k as train_per_class and the seed; 
 back) and scored on the full test split. `all` is the whole training split, fitted once (seed 0).
 Where k is too small for logreg's 20% validation split, its C is chosen by k-fold validation on the
 episode, and with k = 1 it is fixed (probe.heads.ONE_IMAGE_C; docs/statistics.md says why). kNN on an
-episode of k votes among k neighbours.
+episode of k votes among k neighbours. The zeroshot head (an image-text model's cache) is the curve's
+k = 0 point: no labelled image, fitted once, drawn as a dashed level across the chart; `logreg+zeroshot`
+(and `linear+zeroshot`) is logreg fitted with `--init zeroshot`, a line beside plain logreg's.
 
 Writes curve.json, curve.csv, curve.md (mean ± standard deviation over seeds, and a 95% bootstrap
 interval of that mean) and curve.png (test accuracy against labelled images per class, log scale, a
@@ -20,6 +22,7 @@ import csv
 import io
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -60,9 +63,11 @@ def curve(caches: list[str | os.PathLike], *, heads: list[str] | tuple = ("logre
         raise ProbeError("give at least one cache file (probe extract writes them)")
     if seeds < 1:
         raise ProbeError(f"--seeds must be positive, not {seeds}")
-    unknown = [h for h in heads if h not in HEADS]
+    # logreg+zeroshot, linear+zeroshot: the head with --init zeroshot (a line beside the plain head's)
+    unknown = [h for h in heads if h not in HEADS and h not in ("logreg+zeroshot", "linear+zeroshot")]
     if unknown:
-        raise ProbeError(f"unknown head(s) {', '.join(unknown)}: choose from {', '.join(HEADS)}")
+        raise ProbeError(f"unknown head(s) {', '.join(unknown)}: choose from {', '.join(HEADS)}, logreg+zeroshot, "
+                         "linear+zeroshot")
     opened = []
     for c in caches:  # every input checked before any work; a cache given twice is one line
         cache = open_cache(c)
@@ -81,14 +86,14 @@ def curve(caches: list[str | os.PathLike], *, heads: list[str] | tuple = ("logre
     for cache in opened:
         for head in heads:
             points = []
-            for k in shots:
+            for k in (0,) if head == "zeroshot" else shots:
                 runs = []
-                for seed in (range(seeds) if k != "all" else [0]):
+                for seed in (range(seeds) if k not in ("all", 0) else [0]):
                     # kNN on a k-shot episode votes among k neighbours (1-NN for one shot), so it never sees
                     # more neighbours than a class has images; on all of them, its default k.
-                    result = fit(head=head, features=str(cache.path), layer=layer, runs_dir=runs_dir, device=device,
-                                 train_per_class=None if k == "all" else k, seed=seed, reuse=True,
-                                 k=k if head == "knn" and k != "all" else None)
+                    result = fit(head=head.partition("+")[0], features=str(cache.path), layer=layer, runs_dir=runs_dir,
+                                 device=device, train_per_class=None if k in ("all", 0) else k, seed=seed, reuse=True,
+                                 k=k if head == "knn" and k != "all" else None, init=head.partition("+")[2] or None)
                     runs.append(result.metrics | {"run": str(result.out)})
                 accuracies = np.array([r["test_accuracy"] for r in runs])
                 point = {"shots": k, "images_per_class": k if k != "all" else runs[0]["n_train"] / len(runs[0]["classes"]),
@@ -132,23 +137,28 @@ def _interval_of_mean(values: np.ndarray) -> list[float]:
 
 
 def _label(line: dict, lines: list[dict]) -> str:
-    label = f"{line['model']} / {line['head']}"
+    # A saved model's folder by its name, not its whole path (hf:/a/b/name, open_clip:local-dir:/a/b/name)
+    model = re.sub(r"^((?:open_clip:local-dir:|hf:))/(?:[^/]+/)*", r"\1", line["model"])
+    label = f"{model} / {line['head']}"
     if line.get("differs"):
         label += f" [{line['differs']}]"
     return label + (f" / {line['layer']}" if line["layer"] != "final" else "")
 
 
 def table_markdown(result: dict) -> str:
-    shots = result["shots"]
-    rows = ["| model / head | " + " | ".join(f"{k} per class" if k != "all" else "all" for k in shots) + " |",
-            "|---|" + "---:|" * len(shots)]
+    present = {p["shots"] for line in result["lines"] for p in line["points"]}
+    shots = [k for k in [0, *result["shots"]] if k in present]
+    rows = ["| model / head | " + " | ".join({0: "0 (zero-shot)", "all": "all"}.get(k, f"{k} per class") for k in shots)
+            + " |", "|---|" + "---:|" * len(shots)]
     for line in result["lines"]:
         cells = []
-        for p in line["points"]:
-            interval = f" [{100 * p['interval'][0]:.1f}, {100 * p['interval'][1]:.1f}]" if p["interval"] else ""
-            cells.append(f"{100 * p['mean']:.1f} ± {100 * p['std']:.1f}{interval}")
+        at = {p["shots"]: p for p in line["points"]}
+        for p in (at.get(k) for k in shots):
+            interval = f" [{100 * p['interval'][0]:.1f}, {100 * p['interval'][1]:.1f}]" if p and p["interval"] else ""
+            cells.append(f"{100 * p['mean']:.1f} ± {100 * p['std']:.1f}{interval}" if p else "")
         rows.append(f"| {_label(line, result['lines'])} | " + " | ".join(cells) + " |")
-    return "\n".join(rows) + (f"\n\nTest accuracy (%): mean ± standard deviation over {result['seeds']} seeds, "
+    zero = " (zero-shot: one fit, no labelled image)" if 0 in present else ""
+    return "\n".join(rows) + (f"\n\nTest accuracy (%): mean ± standard deviation over {result['seeds']} seeds{zero}, "
                               f"[the {result['interval']}].\n")
 
 
@@ -172,14 +182,20 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for line in result["lines"]:
+    for i, line in enumerate(result["lines"]):
+        color = f"C{i % 10}"  # one colour per line, zero-shot levels included
+        if line["points"][0]["shots"] == 0:  # zero-shot: no labelled image, a level on a log axis
+            ax.axhline(100 * line["points"][0]["mean"], linestyle="--", color=color,
+                       label=f"{_label(line, result['lines'])} (0 labelled images)")
+            continue
         x = [p["images_per_class"] for p in line["points"]]
         mean = np.array([100 * p["mean"] for p in line["points"]])
         spread = np.array([100 * p["std"] for p in line["points"]])
-        drawn, = ax.plot(x, mean, marker="o", label=_label(line, result["lines"]))
-        ax.fill_between(x, mean - spread, mean + spread, color=drawn.get_color(), alpha=0.2, linewidth=0)
+        ax.plot(x, mean, marker="o", color=color, label=_label(line, result["lines"]))
+        ax.fill_between(x, mean - spread, mean + spread, color=color, alpha=0.2, linewidth=0)
     ax.set_xscale("log")
-    ax.set_xlabel("labelled training images per class (log scale; the last point: all of them)")
+    ax.set_xlabel("labelled training images per class (log scale" +
+                  ("; the last point: all of them)" if "all" in result["shots"] else ")"))
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"Data efficiency (band: ± one standard deviation over {result['seeds']} seeds)")
     ax.grid(alpha=0.3, which="both")

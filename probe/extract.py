@@ -73,6 +73,12 @@ def extract(*, model: str = "resnet18", dataset: str = "cifar10", weights: str =
                                     dtype=dtype, data_dir=data_dir, cache_dir=cache_dir, views=views, augment=augment,
                                     pool=pool, layers=layers, data_options=data_options, precision=precision,
                                     compile=compile, device=device)
+    if dataset.startswith("captions:"):  # for image-text retrieval only: the text tower's space, whole images
+        from probe.zeroshot import check_joint
+
+        check_joint(key, "a caption set (it is for image-text retrieval)")
+        if views:
+            raise ProbeError("a caption set is for image-text retrieval: drop --views")
     if path.exists() and not force and not os.access(path.parent, os.W_OK):
         open_cache(path, expect=key)  # a complete cache on read-only storage: read it, no lock needed
         return ExtractResult(path, reused=True)

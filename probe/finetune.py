@@ -215,6 +215,9 @@ def prepare(*, strategy: str = "partial", model: str = "resnet18", dataset: str 
     if not 0 <= lp_epochs <= epochs:
         raise ProbeError(f"--lp-epochs must be between 0 and --epochs ({epochs}), not {lp_epochs}")
     source = load_dataset(dataset, data_dir=data_dir, download=True, options=data_options)
+    if source.captions is not None:
+        raise ProbeError(f"{dataset} is a caption set (each image its own class): it is for probe retrieval, not for "
+                         "fine-tuning")
     kept = [source.classes[c] for c in class_indices(source.classes, classes)]
     unfreeze = tuple(unfreeze or ())
     config = {"strategy": strategy, "model": model, "dataset": dataset, "weights": weights, "resolution": pre.size,

@@ -18,7 +18,7 @@ import numpy as np
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from probe import distributed, identity
+from probe import distributed, identity, zeroshot
 from probe.backbones import resolve, weights_identity
 from probe.cache import FeatureCache, open_cache
 from probe.device import format_bytes, resident_bytes
@@ -126,7 +126,8 @@ def prepare(*, head: str = "logreg", features: str | None = None, model: str | N
             augment: str | None = None, precision: str = "auto", compile: bool = False,
             pool: str | None = None, layer: str | None = None, data_options: dict | None = None,
             max_memory: str | int | None = None, calibrate: str | None = None,
-            normalize: str | None = None, validation: str | None = None) -> Prepared:
+            normalize: str | None = None, validation: str | None = None,
+            class_text: str | None = None, templates: str | None = None, init: str | None = None) -> Prepared:
     """Find the cache, plan the rows, build the head and compute the run's identity; nothing is fitted.
 
     classes: names or indices to keep (a list, or one comma-separated string). max_memory: the whole
@@ -151,6 +152,8 @@ def prepare(*, head: str = "logreg", features: str | None = None, model: str | N
         # A quarter of what is left is slack: the allocator keeps freed blocks, and the process grows a
         # little as it fits (measured: 5% over the cap without it).
         budget = (budget - held) * 3 // 4
+    if (head == "zeroshot" or init) and features is None and pool is None and model is not None:
+        pool = resolve(model).joint_pool  # the image embedding in the text space (None: refused below)
     cache = find_cache(features=features, model=model, dataset=dataset, weights=weights, resolution=resolution,
                        dtype=dtype, data_dir=data_dir, cache_dir=cache_dir, pool=pool, layer=layer, views=views,
                        augment=augment or "rrc", precision=precision, compile=compile, device=device,
@@ -188,13 +191,13 @@ def prepare(*, head: str = "logreg", features: str | None = None, model: str | N
             raise ProbeError(f"{what} must be a positive finite number, not {value}")
     if (temperature is not None or isinstance(k, tuple)) and head != "knn":
         raise ProbeError("--temperature and several --k are for --head knn")
-    if normalize is not None and head == "knn":
-        raise ProbeError("--normalize is for logreg, linear and mlp; knn compares L2-normalized features (cosine)")
-    normalize = None if head == "knn" else (normalize or DEFAULT_NORMALIZE)
+    if normalize is not None and head in ("knn", "zeroshot"):
+        raise ProbeError(f"--normalize is for logreg, linear and mlp; {head} compares L2-normalized features (cosine)")
+    normalize = None if head in ("knn", "zeroshot") else (normalize or DEFAULT_NORMALIZE)
     if normalize is not None:
         normalization_steps(normalize)  # an unknown choice: one line, before anything is read
-    if class_weight is not None and head == "knn":
-        raise ProbeError("--class-weight applies to logreg, linear and mlp, not knn (its votes are unweighted)")
+    if class_weight is not None and head in ("knn", "zeroshot"):
+        raise ProbeError(f"--class-weight applies to logreg, linear and mlp, not {head} (it is not trained by a loss)")
     if validation is not None and validation not in VALIDATIONS:
         raise ProbeError(f"--validation {validation!r}: choose one of {', '.join(VALIDATIONS)}")
     params = {"logreg": {"C": C, "random_state": seed, "device": device, "class_weight": class_weight,
@@ -209,18 +212,43 @@ def prepare(*, head: str = "logreg", features: str | None = None, model: str | N
             raise ProbeError(f"--k {smallest}, but there are only {len(train)} training rows: with k at least the "
                              "training set every vote is the class shares, at chance; give a smaller --k")
     for option, value, heads_of in (("--C", C, ("logreg",)), ("--validation", validation, ("logreg",)), ("--k", k, ("knn",)),
-                                    ("--epochs", epochs, ("linear", "mlp"))):
+                                    ("--epochs", epochs, ("linear", "mlp")), ("--class-text", class_text, ("zeroshot",)),
+                                    ("--templates", templates, ("zeroshot",)),
+                                    ("--train-per-class", train_per_class, ("logreg", "linear", "mlp", "knn"))):
+        if option in ("--class-text", "--templates") and value is not None and init == "zeroshot":
+            continue  # the text of --init zeroshot's prior
         if value is not None and head not in heads_of:
-            raise ProbeError(f"{option} is for --head {' or '.join(heads_of)}, not {head}")
+            extra = " (or --init zeroshot)" if option in ("--class-text", "--templates") else \
+                " (zero-shot uses no training image)" if option == "--train-per-class" else ""
+            raise ProbeError(f"{option} is for --head {' or '.join(heads_of)}{extra}, not {head}")
     if augment is not None and not views:
         raise ProbeError("--augment names the views of a cache extracted with --views N: give --views N too")
     held_views = (cache.key.get("augment") or {}).get("kind")
     if features is not None and augment is not None and held_views != augment:
         raise ProbeError(f"{cache.path.name} holds {held_views or 'no'} views, not {augment}")
     estimator = make_head(head, **params)
+    head_params = {k: v for k, v in estimator.get_params().items() if k not in {*NEUTRAL_PARAMS, "prior", "init"}}
+    if init not in (None, "zeroshot"):
+        raise ProbeError(f"unknown --init {init!r}: choose zeroshot")
+    if init and head not in ("logreg", "linear"):
+        raise ProbeError(f"--init zeroshot is for --head logreg or linear, not {head}")
+    if init and not (normalize or "").startswith("l2"):
+        raise ProbeError("--init zeroshot needs --normalize l2 or l2+standardize (the zero-shot logits are a linear "
+                         "function of the unit-length feature only)")
+    if init and streamed:
+        raise ProbeError("--init zeroshot fits in memory: drop --max-memory (or raise it)")
+    text_spec = None
+    if head == "zeroshot" or init:  # the text side: model, weights, class names, templates
+        zeroshot.check_joint(cache.key, "--head zeroshot" if head == "zeroshot" else "--init zeroshot")
+        text = dict(zip(cache.classes, zeroshot.class_names(cache.key["dataset"], cache.classes, class_text)))
+        text_spec = zeroshot.text_identity(cache.key, [text[n] for n in p.names],
+                                           zeroshot.templates(cache.key["dataset"], templates))
+    if head == "zeroshot":  # no parameter but the text side
+        head_params = {"text": text_spec}
+    elif init:  # the prior's (or the start's) text, beside the head's own parameters
+        head_params["init"] = {"kind": init, "text": text_spec}
     spec = {
-        "artifact": "fit", "revision": REVISION, "cache": cache.key, "head": head,
-        "params": {k: v for k, v in estimator.get_params().items() if k not in NEUTRAL_PARAMS},
+        "artifact": "fit", "revision": REVISION, "cache": cache.key, "head": head, "params": head_params,
         # The selection, resolved: classes as the names kept, the test fraction only where one is held out.
         "classes": p.names if classes else None, "train_per_class": train_per_class, "seed": seed,
         "test_fraction": None if p.test_source == "test" else (test_fraction or TEST_FRACTION),
@@ -233,7 +261,7 @@ def prepare(*, head: str = "logreg", features: str | None = None, model: str | N
     readable = f"{cache.path.stem}__{head}" + (f"__layer-{layer}" if layer else "") + \
         (f"__views{n_views}" if n_views else "") + (f"__n{train_per_class}" if train_per_class else "") + \
         (f"__{class_weight}" if class_weight else "") + \
-        (f"__{normalize}" if normalize not in (None, DEFAULT_NORMALIZE) else "")
+        (f"__{normalize}" if normalize not in (None, DEFAULT_NORMALIZE) else "") + (f"__init-{init}" if init else "")
     out_dir = Path(out) if out else Path(runs_dir) / folder_name(readable, spec)
     calibration_rows = None
     if calibration is not None:
@@ -268,12 +296,27 @@ def run(prep: Prepared) -> FitResult:
     names, yt = p.names, p.yt
     groups = train.images if prep.n_views else None
     t0 = time.perf_counter()
+    if head == "zeroshot":  # the class embeddings from the text tower (or read back), before the clock's fit
+        embeddings, scale, bias = zeroshot.class_embeddings(prep.identity["params"]["text"], prep.weights, cache.path.parent)
+        estimator.set_params(class_embeddings=embeddings, logit_scale=scale, logit_bias=bias)
+    init = prep.identity["params"].get("init") if head != "zeroshot" else None
     try:
-        if prep.streamed:
+        if head == "zeroshot":  # nothing is learned from the training rows: one chunk gives the width and labels
+            X, y = next(iter(train.chunks()))
+            pipeline = make_pipeline(estimator).fit(X, y)
+        elif init:  # the normalization first, then the zero-shot weights in its space as the head's prior
+            steps, X = normalization_steps(prep.identity["normalize"]), train.load()
+            for step in steps:
+                X = step.fit_transform(X)
+            embeddings, scale, bias = zeroshot.class_embeddings(init["text"], prep.weights, cache.path.parent)
+            start = zeroshot.weights_after(steps, embeddings, scale, bias)
+            estimator.set_params(**{"prior" if head == "logreg" else "init": start[np.unique(train.labels)]})
+            pipeline = make_pipeline(*steps, estimator.fit(X, train.labels))
+        elif prep.streamed:
             pipeline = _fit_streamed(estimator, head, train, groups, prep.identity["normalize"])
         else:
             # kNN normalizes itself: a pipeline of the head alone, so every head is fitted and saved alike.
-            steps = [] if head == "knn" else normalization_steps(prep.identity["normalize"])
+            steps = [] if head in ("knn", "zeroshot") else normalization_steps(prep.identity["normalize"])
             pipeline = make_pipeline(*steps, estimator)
             fit_params = {} if groups is None else {f"{pipeline.steps[-1][0]}__groups": groups}
             pipeline.fit(train.load(), train.labels, **fit_params)
@@ -314,7 +357,7 @@ def run(prep: Prepared) -> FitResult:
         "kind": "fit", "method": head, "model": key["model"], "pool": key.get("pool"), "layer": layer or "final",
         "feature_dim": int(train.dim), "weights": key["weights"],
         "resolution": key["resolution"], "dataset": key["dataset"], "cache": str(cache.path.resolve()),
-        "classes": names, "n_train": int(len(p.y)), "n_test": int(len(yt)), "test_split": p.test_split,
+        "classes": names, "n_train": 0 if head == "zeroshot" else int(len(p.y)), "n_test": int(len(yt)), "test_split": p.test_split,
         "views": prep.n_views, "augment": (key.get("augment") or {}).get("kind") if prep.n_views else None,
         "n_train_rows": int(len(train)), "streamed": prep.streamed, "max_memory": prep.max_memory, "world_size": w.size,
         "test_accuracy": float((predicted == yt).mean()),

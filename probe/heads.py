@@ -10,6 +10,8 @@ score, classes_, clonable), so any one can stand in for another or go into a Pip
   probe.train.
 - CosineKNN (`knn`): k-nearest neighbours by cosine similarity; plain votes, or DINOv2's weighted
   votes (exp(similarity / T)); several k from one search, the best picked on a validation split.
+- ZeroShotHead (`zeroshot`): an image-text model's zero-shot classifier, its class embeddings the text
+  tower's (probe.zeroshot); no training image is used.
 
 torch is imported only by the heads and devices that need it: a logreg fit on the CPU runs without it.
 """
@@ -163,7 +165,9 @@ class LogisticProbe(_Classifier):
     every class (fewer than about 5 per class: few-shot episodes), k-fold is used; with a single image
     of some class nothing can be validated and C_ is `one_image_C`. After fit, C_ is the C used,
     search_ how it was chosen, and sweep_ holds the (C, validation accuracy) pairs that were tried.
-    n_iter_ is the number of L-BFGS iterations of the final fit.
+    n_iter_ is the number of L-BFGS iterations of the final fit. prior: None, or [n_classes, d + 1] (W0
+    and b0 side by side): the penalty is then ||W - W0||^2 / 2, regularization towards W0 instead of
+    towards zero, and every fit starts there (probe fit --init zeroshot: a zero-shot head's weights).
 
     fit(X, y) holds X in memory; fit_chunks() reads the rows a chunk at a time (a cache larger than
     memory) and, under torchrun, each rank its own share, with loss and gradient summed over chunks
@@ -177,9 +181,9 @@ class LogisticProbe(_Classifier):
     def __init__(self, C: float | None = None, Cs=DEFAULT_CS, val_fraction: float = VAL_FRACTION, patience: int = 2,
                  max_iter: int = 500, tol: float = 1e-4, sweep_tol: float = 1e-3, one_image_C: float = ONE_IMAGE_C,
                  class_weight: str | None = None, random_state: int = 0, device: str = "auto",
-                 validation: str = DEFAULT_VALIDATION):
+                 validation: str = DEFAULT_VALIDATION, prior=None):
         self.C, self.Cs, self.val_fraction, self.patience, self.max_iter = C, Cs, val_fraction, patience, max_iter
-        self.validation = validation
+        self.validation, self.prior = validation, prior
         self.one_image_C = one_image_C
         self.tol, self.sweep_tol, self.class_weight = tol, sweep_tol, class_weight
         self.random_state, self.device = random_state, device
@@ -223,6 +227,7 @@ class LogisticProbe(_Classifier):
 
     def _fit(self, chunks, y: np.ndarray, groups, d: int, backend: "_Backend"):
         k = len(self.classes_)
+        self._center = _prior_theta(self.prior, k, d)
         theta, self.sweep_, self.search_ = None, [], "fixed"
         if self.C is not None:
             self.C_ = float(self.C)
@@ -238,7 +243,8 @@ class LogisticProbe(_Classifier):
                 self.search_ = "split" if in_val is not None else f"{len(folds)}-fold"
                 theta = self._sweep(chunks, y, folds, k, d, backend)
         theta, self.n_iter_ = _lbfgs(lambda: chunks(None), len(y), k, d, self.C_, theta, self.max_iter, self.tol,
-                                     self._class_weight_array(y), backend)
+                                     self._class_weight_array(y), backend, self._center)
+        del self._center
         W, b = _unpack(theta, k, d)
         self.coef_, self.intercept_ = W.astype(backend.dtype), b.astype(backend.dtype)
         return self
@@ -255,7 +261,7 @@ class LogisticProbe(_Classifier):
             for f, (in_val, in_train) in enumerate(zip(folds, trains)):
                 # Ranking the Cs needs less precision than the final refit: sweep_tol, not tol.
                 thetas[f], _ = _lbfgs(lambda: chunks(in_train), int(in_train.sum()), k, d, C, thetas[f], self.max_iter,
-                                      self.sweep_tol, self._class_weight_array(y[in_train]), backend)
+                                      self.sweep_tol, self._class_weight_array(y[in_train]), backend, self._center)
                 # Per-class correct and total counts of the validation rows, over chunks and ranks.
                 counts = np.zeros((2, k))
                 W, b = _unpack(thetas[f], k, d)
@@ -282,6 +288,16 @@ class LogisticProbe(_Classifier):
         logits -= logits.max(1, keepdims=True)
         p = np.exp(logits)
         return p / p.sum(1, keepdims=True)
+
+
+def _prior_theta(prior, k: int, d: int) -> np.ndarray | None:
+    """A prior [k, d + 1] as the solver's flat theta (W then b), or None."""
+    if prior is None:
+        return None
+    prior = np.asarray(prior, dtype=np.float64)
+    if prior.shape != (k, d + 1):
+        raise ValueError(f"prior must be [n_classes, n_features + 1] = [{k}, {d + 1}], not {list(prior.shape)}")
+    return np.concatenate([prior[:, :d].ravel(), prior[:, d]])
 
 
 def _unpack(theta: np.ndarray, k: int, d: int) -> tuple[np.ndarray, np.ndarray]:
@@ -359,10 +375,11 @@ class _Backend:
         return loss, gW, gb
 
 
-def _lbfgs(chunks, n, k, d, C, theta0, max_iter, tol, weight, backend: _Backend):
+def _lbfgs(chunks, n, k, d, C, theta0, max_iter, tol, weight, backend: _Backend, center=None):
     """Minimize mean cross-entropy + ||W||^2 / (2 C n), the scikit-learn objective divided by C n, over
     the rows chunks() yields (summed over chunks, and over ranks under torchrun; n counts them all),
-    with scipy's L-BFGS-B from theta0 (W and b flattened; None: zeros). Returns (theta, iterations).
+    with scipy's L-BFGS-B from theta0 (W and b flattened; None: `center`, else zeros). Returns (theta,
+    iterations). center: a prior's theta; the penalty is then ||W - W0||^2 / (2 C n).
 
     weight: per-class weights of the cross-entropy, summed over the samples and divided by n (not by
     the weights' sum), so the objective stays scikit-learn's weighted one divided by C n.
@@ -373,8 +390,9 @@ def _lbfgs(chunks, n, k, d, C, theta0, max_iter, tol, weight, backend: _Backend)
     """
     from scipy.optimize import minimize
 
-    theta0 = np.zeros(k * d + k) if theta0 is None else theta0
+    theta0 = (np.zeros(k * d + k) if center is None else center.copy()) if theta0 is None else theta0
     sums = np.zeros(1 + k * d + k)  # loss, dW, db: one all-reduce per evaluation
+    W0 = np.zeros(k * d) if center is None else center[:k * d]
 
     def objective(theta):
         W, b = _unpack(theta, k, d)
@@ -386,8 +404,9 @@ def _lbfgs(chunks, n, k, d, C, theta0, max_iter, tol, weight, backend: _Backend)
             sums[1 + k * d:] += gb
         distributed.all_reduce(sums)
         grad = sums[1:] / n
-        grad[:k * d] += theta[:k * d] / (C * n)
-        return sums[0] / n + (theta[:k * d] @ theta[:k * d]) / (2 * C * n), grad
+        shift = theta[:k * d] - W0
+        grad[:k * d] += shift / (C * n)
+        return sums[0] / n + (shift @ shift) / (2 * C * n), grad
 
     # A small problem gains nothing from threads, and threads that busy-wait on a busy machine cost it
     # dearly (measured: a 1,000 x 1,280 fit 100x slower beside another process): one thread for every BLAS.
@@ -506,14 +525,27 @@ class TorchLinear(_TrainedHead):
     """
 
     def __init__(self, epochs: int = 10, lr: float = 1e-2, weight_decay: float = 1e-4, batch_size: int = 256,
-                 min_steps: int = 300, class_weight: str | None = None, random_state: int = 0, device: str = "auto"):
+                 min_steps: int = 300, class_weight: str | None = None, random_state: int = 0, device: str = "auto",
+                 init=None):
         self.epochs, self.lr, self.weight_decay, self.batch_size = epochs, lr, weight_decay, batch_size
         self.min_steps, self.class_weight, self.random_state, self.device = min_steps, class_weight, random_state, device
+        self.init = init
 
     def _module(self, d, k):
+        """init: None, or [n_classes, d + 1] (weights and biases side by side) to start from (probe fit
+        --init zeroshot: a zero-shot head's weights)."""
+        import torch
         from torch import nn
 
-        return nn.Linear(d, k)
+        layer = nn.Linear(d, k)
+        if self.init is not None:
+            init = np.asarray(self.init, dtype=np.float32)
+            if init.shape != (k, d + 1):
+                raise ValueError(f"init must be [n_classes, n_features + 1] = [{k}, {d + 1}], not {list(init.shape)}")
+            with torch.no_grad():
+                layer.weight.copy_(torch.from_numpy(init[:, :d]))
+                layer.bias.copy_(torch.from_numpy(init[:, d]))
+        return layer
 
 
 class TorchMLP(_TrainedHead):
@@ -665,7 +697,58 @@ def _top(sims, labels, k: int):
     return values, labels.gather(1, at)
 
 
-HEADS = {"logreg": LogisticProbe, "linear": TorchLinear, "mlp": TorchMLP, "knn": CosineKNN}
+class ZeroShotHead(_Classifier):
+    """Zero-shot classification as CLIP does it: softmax over classes of
+    logit_scale * cos(image embedding, class embedding) + logit_bias.
+
+    class_embeddings: [n_classes, d], row i the embedding of class i (probe.zeroshot makes them from the
+    text tower: the normalized mean of the normalized embeddings of the class name in every prompt
+    template); fit takes the class labels 0..n_classes-1 and learns nothing from X but its width, and
+    classes_ is every class, seen in y or not. With class_embeddings None, the class embeddings are the
+    normalized means of each class's normalized training rows (the image-side prototype), which is what
+    scikit-learn's estimator checks run on. logit_bias (SigLIP's) shifts every logit alike: it changes
+    no prediction and no softmax probability, and is kept so the logits are the model's own.
+    """
+
+    def __init__(self, class_embeddings=None, logit_scale: float = 100.0, logit_bias: float = 0.0):
+        self.class_embeddings, self.logit_scale, self.logit_bias = class_embeddings, logit_scale, logit_bias
+
+    def fit(self, X, y):
+        if not (np.isfinite(self.logit_scale) and self.logit_scale > 0):
+            raise ValueError(f"logit_scale must be a positive number, not {self.logit_scale}")
+        if self.class_embeddings is None:
+            X, y = self._encode(X, y)
+            X = _unit_rows(X)
+            weights = np.stack([X[y == c].mean(0) for c in range(len(self.classes_))])
+        else:
+            X, y = validate_data(self, X, y, dtype=np.float32)
+            check_classification_targets(y)
+            weights = np.asarray(self.class_embeddings, dtype=np.float32)
+            if weights.ndim != 2 or weights.shape[1] != X.shape[1]:
+                raise ValueError(f"the class embeddings are {weights.shape[-1]}-d and the features {X.shape[1]}-d: "
+                                 "these features are not in this text tower's embedding space")
+            labels = np.unique(y)
+            if not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0 or labels.max() >= len(weights):
+                raise ValueError(f"the labels must be class indices 0..{len(weights) - 1}, one per class embedding")
+            self.classes_ = np.arange(len(weights))
+        self.weights_ = _unit_rows(weights)
+        return self
+
+    def _proba(self, X: np.ndarray) -> np.ndarray:
+        from scipy.special import softmax
+
+        # float64: a float32 product's rounding depends on the batch (BLAS blocking), times a scale of 100
+        cosine = _unit_rows(X.astype(np.float64)) @ self.weights_.T.astype(np.float64)
+        return softmax(self.logit_scale * cosine + self.logit_bias, axis=1)
+
+
+def _unit_rows(X: np.ndarray) -> np.ndarray:
+    """Each row divided by its L2 norm (a zero row stays zero)."""
+    norms = np.linalg.norm(X, axis=1, keepdims=True)
+    return X / np.where(norms > 0, norms, 1)
+
+
+HEADS = {"logreg": LogisticProbe, "linear": TorchLinear, "mlp": TorchMLP, "knn": CosineKNN, "zeroshot": ZeroShotHead}
 
 
 def make_head(name: str, **params) -> BaseEstimator:

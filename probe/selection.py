@@ -46,6 +46,9 @@ def plan(cache: FeatureCache, *, classes: list[str] | None = None, train_per_cla
     whatever `seed` (HOLDOUT_SEED draws it), so runs of every seed are scored on the same images and
     compare pairwise. Labels are renumbered 0..len(classes)-1.
     """
+    if cache.key["dataset"].startswith("captions:"):
+        raise ProbeError(f"{cache.path.name} holds a caption set's images (each its own class): it is for probe "
+                         "retrieval, not for fitting a head")
     keep = class_indices(cache.classes, classes)
     y = cache.labels("train")
     index = np.arange(len(y))

@@ -44,26 +44,33 @@ def suite(*, models: list[str], datasets: list[str], heads: list[str] = ("logreg
         resolve(model)
     for dataset in datasets:
         check_dataset_name(dataset)
+        if dataset.startswith("captions:"):
+            raise ProbeError(f"{dataset} is a caption set: it is for probe retrieval, not for the suite's heads")
     out = make_dir(out)
     pairs, runs = [], []
     for dataset in datasets:
         for model in models:
-            try:
-                cache = extract(model=model, dataset=dataset, weights=weights, resolution=resolution, data_dir=data_dir,
-                                cache_dir=cache_dir, device=device, progress=progress).path
-            except ProbeError as e:
-                log.info(f"{model} on {dataset}: failed (listed at the end)")
-                pairs += [{"model": _canonical(model), "weights": weights, "dataset": dataset, "head": h,
-                           "status": "failed", "error": str(e)} for h in heads]
-                continue
+            caches = {}  # pool -> cache; zeroshot reads the image embedding in the text space (the joint pool)
             for head in heads:
+                pool = resolve(model).joint_pool if head == "zeroshot" else None
+                if pool not in caches:
+                    try:
+                        caches[pool] = extract(model=model, dataset=dataset, weights=weights, resolution=resolution,
+                                               data_dir=data_dir, cache_dir=cache_dir, device=device, progress=progress,
+                                               pool=pool).path
+                    except ProbeError as e:
+                        caches[pool] = e
+            for head in heads:
+                cache = caches[resolve(model).joint_pool if head == "zeroshot" else None]
                 try:  # a finished fit of the same identity in the suite's folder is read back, not redone
+                    if isinstance(cache, ProbeError):
+                        raise cache
                     result = fit(head=head, features=str(cache), runs_dir=str(out), train_per_class=train_per_class,
                                  seed=seed, device=device, reuse=True)
-                except ProbeError as e:
+                except ProbeError as e:  # the pair's extraction failed, or this head's fit
                     log.info(f"{model} on {dataset}, {head}: failed (listed at the end)")
-                    pairs.append({"model": _canonical(model), "weights": weights, "dataset": dataset, "head": head,
-                                  "status": "failed", "error": str(e)})
+                    pairs.append({"model": _canonical(model), "weights": _recorded_weights(model, weights),
+                                  "dataset": dataset, "head": head, "status": "failed", "error": str(e)})
                     continue
                 metrics = result.metrics
                 log.info(f"{model} on {dataset}, {head}: {metrics['test_accuracy']:.2%}" +
@@ -80,6 +87,15 @@ def suite(*, models: list[str], datasets: list[str], heads: list[str] = ("logreg
               "failed": failed}
     atomic_write(out / "suite.json", json.dumps(result, indent=2, allow_nan=False).encode())
     return {**result, "table": table}
+
+
+def _recorded_weights(model: str, weights: str) -> str:
+    """The weights as a fit of `model` records them (a saved folder's default: default-<content hash>), so a
+    failed pair sits in the same table row as the model's other pairs."""
+    try:
+        return resolve(model).weights_identity(weights)
+    except ProbeError:
+        return weights
 
 
 def _canonical(model: str) -> str:

@@ -114,3 +114,66 @@ def cifar_dir(tmp_path) -> Path:
     (folder / "test_batch").write_bytes(pickle.dumps(batch("test", 2)))
     (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": classes}))
     return root
+
+
+def open_clip_text_folder(folder: Path) -> Path:
+    """A tiny random open_clip model with a text tower open_clip's own tokenizer can feed (its 49,408-token
+    vocabulary), in the folder layout open_clip loads with local-dir:."""
+    import json
+    import logging
+
+    import open_clip
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"model_cfg": {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16,
+                                                             "head_width": 16},
+                            "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}},
+              "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711],
+                                 "interpolation": "bicubic", "resize_mode": "shortest"}}
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
+    torch.manual_seed(0)
+    logging.disable(logging.WARNING)  # open_clip warns that the folder has no weights yet: they are made here
+    try:
+        model = open_clip.create_model(f"local-dir:{folder}", load_weights=False)
+    finally:
+        logging.disable(logging.NOTSET)
+    torch.save(model.state_dict(), folder / "open_clip_pytorch_model.bin")
+    return folder
+
+
+def hf_text_folder(folder: Path, kind: str) -> Path:
+    """A tiny random transformers image-text model (kind "clip" or "siglip") saved as a user saves one:
+    model, image processor and a word-level tokenizer over the words of the prompts (offline: no hub)."""
+    import json
+    import re
+
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, PreTrainedTokenizerFast, SiglipConfig,
+                              SiglipImageProcessor, SiglipModel)
+
+    from probe.zeroshot import prompts
+
+    words = sorted(set(re.findall(r"\w+", json.dumps(prompts()["default_templates"] + prompts()["templates"]["cifar10"]
+                                                     + ["cat", "dog", "frog", "airplane", "ship"]).lower())))
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[BOS]": 2, "[EOS]": 3, **{w: i + 4 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="[BOS] $A [EOS]", special_tokens=[("[BOS]", 2), ("[EOS]", 3)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="[BOS]", eos_token="[EOS]", pad_token="[PAD]",
+                                        unk_token="[UNK]", model_max_length=16)
+    small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    text = dict(**small, vocab_size=len(vocab), max_position_embeddings=16, pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    torch.manual_seed(0)
+    if kind == "clip":
+        model = CLIPModel(CLIPConfig(vision_config=dict(**small, image_size=32, patch_size=16), text_config=text,
+                                     projection_dim=16))
+        processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    else:
+        model = SiglipModel(SiglipConfig(vision_config=dict(**small, image_size=32, patch_size=16), text_config=text))
+        processor = SiglipImageProcessor(size={"height": 32, "width": 32})
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

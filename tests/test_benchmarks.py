@@ -154,3 +154,13 @@ def test_precision_smoke(tmp_path):
     assert [row["config"] for row in r["rows"]] == ["fp32", "bf16"] and r["rows"][0]["forward_speedup_over_fp32"] == 1
     assert all(row["multiply_adds_per_image"] > 0 and row["share_of_matmul_rate"] > 0 for row in r["rows"])
     assert [a["config"] for a in r["accuracy"]] == ["fp32", "bf16"] and r["accuracy"][0]["points_from_fp32"] == 0
+
+
+def test_zeroshot_smoke(tmp_path):
+    import zeroshot
+
+    out = tmp_path / "zeroshot.json"
+    r = zeroshot.main(["--shots", "1", "--seeds", "1", "--out", str(out)])
+    assert [line["head"] for line in r["lines"]] == ["zeroshot", "logreg", "logreg+zeroshot"]
+    assert [p["shots"] for p in r["lines"][0]["points"]] == [0] and r["random_weights"]
+    assert 0 <= r["retrieval"]["mAP"] <= 1 and (tmp_path / "zeroshot_curve.png").stat().st_size > 0

@@ -128,6 +128,10 @@ def test_hf_features_are_the_documented_outputs(hf_models):
             expected = {"pooler": out.pooler_output}
             if name == "clip":  # CLIP's final norm (post_layernorm) is applied to the pooled token only
                 hidden = reference.post_layernorm(hidden)
+                from transformers import CLIPModel  # proj: the whole model's image embedding in the text space
+
+                projected = CLIPModel.from_pretrained(hf_models[name]).eval().get_image_features(pixel_values=x)
+                expected["proj"] = projected if isinstance(projected, torch.Tensor) else projected.pooler_output
             expected.update({"cls": hidden[:, 0], "avg": hidden[:, 1:].mean(1),
                              "cls+avg": torch.cat([hidden[:, 0], hidden[:, 1:].mean(1)], 1)})
             for pool in resolve(f"hf:{hf_models[name]}").pools:

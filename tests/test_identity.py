@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import copy_sample
+from conftest import copy_sample, open_clip_text_folder
 from probe import cli, identity
 from probe.cache import cache_path
 from probe.errors import ProbeError
@@ -67,12 +67,16 @@ def world(tmp_path_factory):
     extract(dataset=f"folder:{a}", layers="all", **base)
     extract(dataset=f"folder:{train_only}", **base)
     extract(dataset=f"folder:{larger}", **base)
+    clip = open_clip_text_folder(root / "open_clip")
+    extract(dataset=f"folder:{a}", **{**base, "model": f"open_clip:local-dir:{clip}", "pool": "proj", "weights": "default"})
+    (root / "names.txt").write_text("a cat\na dog\na frog\n")
+    (root / "templates.txt").write_text("a photo of {c}.\n")
     head = fit(model="resnet18", weights="none", resolution=32, dataset=f"folder:{a}", cache_dir=str(cache_dir),
                C=1.0, out=str(root / "head")).out
     other_head = fit(model="resnet18", weights="none", resolution=32, dataset=f"folder:{a}", cache_dir=str(cache_dir),
                      C=0.1, out=str(root / "head2")).out
     return dict(a=a, b=b, train_only=train_only, larger=larger, weights=weights, hf=hf, wds=wds, cache_dir=cache_dir, head=head,
-                other_head=other_head)
+                other_head=other_head, clip=clip, root=root)
 
 
 def _hf_folder(folder: Path) -> Path:
@@ -139,6 +143,8 @@ def variants(w) -> dict[str, dict[str, tuple[list, list]]]:
     fit = {name: ([*cache_opts, *x], [*cache_opts, *y]) for name, (x, y) in extract.items() if name != "layers"}
     f = [*ex, *cache_opts]
     held = ["--model", "resnet18", "--dataset", f"folder:{w['train_only']}", *tiny, *cache_opts]
+    zs = ["--model", f"open_clip:local-dir:{w['clip']}", "--pool", "proj", "--dataset", a, "--resolution", "32",
+          *cache_opts, "--head", "zeroshot"]
     fit.update({
         "head": (f, [*f, "--head", "linear"]),
         "features": (f, ["--features", str(next(Path(w["cache_dir"]).glob("folder-train-only*.h5")))]),
@@ -154,6 +160,9 @@ def variants(w) -> dict[str, dict[str, tuple[list, list]]]:
         "validation": (f, [*f, "--validation", "kfold"]),
         "test_fraction": (held, [*held, "--test-fraction", "0.4"]),
         "layer": (f, [*f, "--layer", "layer3"]),
+        "class_text": ([*zs], [*zs, "--class-text", str(w["root"] / "names.txt")]),
+        "templates": ([*zs], [*zs, "--templates", str(w["root"] / "templates.txt")]),
+        "init": ([*zs[:-2]], [*zs[:-2], "--init", "zeroshot"]),
         "calibrate": ([*f, "--dataset", f"folder:{w['larger']}"],
                       [*f, "--dataset", f"folder:{w['larger']}", "--calibrate", "temperature"]),
     })

@@ -7,11 +7,12 @@ any setting, and the checks fit them dozens of times (at the defaults: 10 s more
 
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from probe.heads import CosineKNN, LogisticProbe, TorchLinear, TorchMLP
+from probe.heads import CosineKNN, LogisticProbe, TorchLinear, TorchMLP, ZeroShotHead
 
 
 @parametrize_with_checks([LogisticProbe(device="cpu"), TorchLinear(device="cpu", min_steps=150),
                           TorchMLP(device="cpu", hidden=64, min_steps=150), CosineKNN(device="cpu"),
-                          CosineKNN(k=(1, 3, 5), temperature=0.07, device="cpu")])
+                          CosineKNN(k=(1, 3, 5), temperature=0.07, device="cpu"),
+                          ZeroShotHead()])
 def test_scikit_learn_estimator_checks(estimator, check):
     check(estimator)

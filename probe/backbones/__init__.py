@@ -12,6 +12,11 @@ A model name picks a family module, each answering the same small interface:
 builder. `create_backbone(name, weights, preprocess, pool)` returns a frozen module mapping normalized
 images [N, 3, S, S] to pooled features [N, D], with `feature_dim` set. Stages never ask which family
 they hold.
+
+Image-text models (open_clip, and hf: models with a text tower such as CLIP and SigLIP) also have a
+`joint_pool`, the --pool whose feature is the image embedding in the text tower's space, and
+`text_tower(name, weights)` builds their TextTower: text in, text embeddings out, with the model's own
+logit scale and bias (probe.zeroshot uses it).
 """
 
 from __future__ import annotations
@@ -61,6 +66,8 @@ class ModelSpec:
     feature_dim: int | None = None  # when known without building
     last_stage: tuple[str, ...] | None = None  # parameter prefixes `finetune --strategy partial` trains
     local: Path | None = None  # the folder holding the model's own weights (a saved model), if any
+    joint_pool: str | None = None  # the pool in the text tower's embedding space (image-text models only)
+    text: Callable[[str], TextTower] | None = field(default=None, repr=False)  # weights -> the text tower
 
     def weights_identity(self, weights: str) -> str:
         """What the features' weights are: weights_identity(weights), except that the default weights of
@@ -78,6 +85,31 @@ class ModelSpec:
                                  "pooling); --pool cls/avg/cls+avg are for token models (ViTs)")
             raise ProbeError(f"unknown --pool {pool!r} for {self.name}: choose one of {', '.join(self.pools)}")
         return pool
+
+
+@dataclass
+class TextTower:
+    """An image-text model's text side: `encode(texts)` gives their embeddings [N, D] (a float tensor, not
+    normalized), which the model compares with its image embeddings as logit_scale * cosine + logit_bias."""
+
+    encode: Callable[[list[str]], torch.Tensor]
+    logit_scale: float
+    logit_bias: float = 0.0
+
+
+def text_tower(name: str, weights: str = "default") -> TextTower:
+    """The text tower of model `name` with `weights` (as create_backbone takes them), in eval mode."""
+    spec = resolve(name)
+    if spec.text is None:
+        raise ProbeError(f"{spec.name} has no text tower: zero-shot needs an image-text model, such as "
+                         "open_clip:ARCH/TAG or an hf: CLIP or SigLIP model")
+    if weights not in ("default", "none") and not Path(weights).exists():
+        raise ProbeError(f"weights {weights} not found: give --weights default, none, or a file or saved folder")
+    import torch
+
+    with torch.random.fork_rng(devices=[]), library_logs_quiet(), torch.inference_mode():
+        torch.manual_seed(0)  # --weights none: the same random text tower as the image tower's build
+        return spec.text(weights)
 
 
 # Bumped when probe changes what a name resolves to (its preprocessing, pools), so no remembered spec is used.

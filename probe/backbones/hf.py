@@ -8,6 +8,11 @@ image feature before the projection; SigLIP: its attention-pool head; ConvNeXt/R
 map); `cls`, `avg` and `cls+avg` pool `last_hidden_state` (after the final norm; for CLIP the
 post_layernorm is applied to the tokens too). Defaults: DINOv2 cls+avg (its paper's linear probe),
 CLIP-like pooler, ViT/DeiT/MAE cls, others pooler.
+
+Models with a text tower (CLIPModel, SiglipModel and their siblings: a config with text_config and a
+model with get_text_features) add `proj`, the model's own get_image_features (CLIP: the pooled feature
+through visual_projection; SigLIP: its pooler output), the image embedding in the text space; their
+`text_tower` is get_text_features with the folder's tokenizer, and the model's logit scale and bias.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from probe.backbones import ModelSpec, Preprocess, load_state_dict_file, load_strict, pool_tokens
+from probe.backbones import ModelSpec, Preprocess, TextTower, load_state_dict_file, load_strict, pool_tokens
 from probe.errors import ProbeError
 
 CLS_TOKEN = {"vit", "deit", "dinov2", "dinov2_with_registers", "vit_mae", "vit_msn", "beit", "data2vec-vision",
@@ -63,9 +68,78 @@ def resolve(name: str) -> ModelSpec:
     else:  # token models without a class token (SigLIP, I-JEPA)
         pools = ("pooler", "avg")
     native = getattr(vision, "image_size", None) or processor.size
-    return ModelSpec(f"hf:{source}", "hf", processor, pools, f"{source} ({'folder' if local else 'Hugging Face hub'})",
+    joint = _has_text_tower(config)
+    return ModelSpec(f"hf:{source}", "hf", processor, pools + (("proj",) if joint else ()),
+                     f"{source} ({'folder' if local else 'Hugging Face hub'})",
                      partial(_build, source, native if isinstance(native, int) else native[0]), None, None,
-                     path.resolve() if local else None)
+                     path.resolve() if local else None, joint_pool="proj" if joint else None,
+                     text=partial(_text, source) if joint else None)
+
+
+def _has_text_tower(config) -> bool:
+    """A vision-language config whose model gives text and image embeddings in one space."""
+    from transformers import AutoModel
+
+    if getattr(config, "text_config", None) is None or getattr(config, "vision_config", None) is None:
+        return False
+    model_class = AutoModel._model_mapping.get(type(config), None)
+    return model_class is not None and all(hasattr(model_class, f) for f in ("get_text_features", "get_image_features"))
+
+
+def _joint_model(source: str, weights: str):
+    """The whole image-text model (both towers), from the folder or repo, or random (--weights none)."""
+    from transformers import AutoConfig, AutoModel
+
+    if weights == "none":
+        return AutoModel.from_config(AutoConfig.from_pretrained(source))
+    if weights != "default":
+        raise ProbeError(f"hf:{source}: the text tower and --pool proj take the model's own weights: --weights "
+                         "default (or a save_pretrained folder as the model, hf:FOLDER) or none")
+    try:
+        model, info = AutoModel.from_pretrained(source, output_loading_info=True)
+    except Exception as e:  # hub errors, another architecture's folder: many types
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ProbeError(f"could not load hf:{source} weights ({reason})") from None
+    if info["missing_keys"] or info.get("mismatched_keys"):
+        keys = list(info["missing_keys"]) or [k[0] if isinstance(k, tuple) else k for k in info["mismatched_keys"]]
+        raise ProbeError(f"weights of hf:{source} do not fit its image-text model: missing or mismatched keys "
+                         f"({len(keys)}): {', '.join(keys[:4])}")
+    return model
+
+
+def _embeds(out) -> torch.Tensor:
+    """get_*_features returns the embeddings (transformers 4) or an output holding them as pooler_output (5)."""
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+def _text(source: str, weights: str) -> TextTower:
+    from transformers import AutoTokenizer
+
+    missing = f"hf:{source} has no tokenizer; save one beside the model: AutoTokenizer.from_pretrained(BASE).save_pretrained(FOLDER)"
+    folder = Path(source)
+    if folder.is_dir() and not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json",
+                                                                       "vocab.json", "spiece.model", "tokenizer.model")):
+        raise ProbeError(missing)
+    with _quiet():
+        model = _joint_model(source, weights).eval()
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        except (OSError, ValueError) as e:
+            raise ProbeError(f"{missing} ({str(e).splitlines()[0][:120]})") from None
+    model.vision_model = None  # the image side is the cache's
+    # SigLIP was trained on texts padded to the full length (its model card: padding="max_length"). Texts are
+    # cut at the text tower's positions, whatever the tokenizer's own limit (often unset in a saved one).
+    padding = "max_length" if model.config.model_type.startswith("siglip") else True
+    length = min(tokenizer.model_max_length, model.config.text_config.max_position_embeddings)
+
+    def encode(texts: list[str]) -> torch.Tensor:
+        tokens = tokenizer(texts, padding=padding, truncation=True, max_length=length, return_tensors="pt")
+        tokens.pop("token_type_ids", None)
+        with torch.inference_mode():
+            return _embeds(model.get_text_features(**tokens)).float()
+
+    bias = getattr(model, "logit_bias", None)
+    return TextTower(encode, float(model.logit_scale.exp()), float(bias) if bias is not None else 0.0)
 
 
 def _processor(source: str) -> Preprocess:
@@ -123,6 +197,8 @@ def _build(source: str, native: int, weights: str, pre: Preprocess, pool: str) -
 def _build_model(source: str, native: int, weights: str, pre: Preprocess, pool: str) -> nn.Module:
     from transformers import AutoConfig, AutoModel
 
+    if pool == "proj":
+        return HFJointImage(_joint_model(source, weights), pre.size != native)
     config = AutoConfig.from_pretrained(source)
     vision = getattr(config, "vision_config", None)
     model_class = AutoModel._model_mapping[type(vision or config)]  # the vision tower's own class
@@ -152,6 +228,22 @@ def _build_model(source: str, native: int, weights: str, pre: Preprocess, pool: 
                 raise ProbeError(f"the checkpoint in {folder} has no trained pooler: use --pool cls or avg")
     return HFFeatures(model, pool, pre.size != native, (vision or config).model_type,
                       1 + getattr(vision or config, "num_register_tokens", 0))
+
+
+class HFJointImage(nn.Module):
+    """An image-text model's get_image_features: the image embedding in the text space (its text tower
+    dropped)."""
+
+    def __init__(self, model: nn.Module, interpolate: bool):
+        super().__init__()
+        model.text_model = None
+        self.model, self.pool, self.kind, self.inner = model, "proj", model.config.model_type, "model"
+        self.prefix_tokens = 0
+        self.kwargs = {"interpolate_pos_encoding": True} if interpolate else {}
+        self.feature_dim = getattr(model.config, "projection_dim", None) or model.config.vision_config.hidden_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _embeds(self.model.get_image_features(pixel_values=x, **self.kwargs))
 
 
 class HFFeatures(nn.Module):

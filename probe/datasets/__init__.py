@@ -5,6 +5,7 @@
     sample, folder:PATH               folder.py (the bundled sample; your own image folders)
     hf:NAME-OR-FOLDER[@CONFIG]        hf.py (needs `pip install "probe[hf]"`)
     wds:PATTERN                       wds.py (WebDataset tar shards)
+    captions:FILE                     captions.py (Flickr and COCO caption sets, for probe retrieval)
 
 `load_dataset(name, data_dir, download, options)` returns an ImageDataset (probe.datasets.base):
 class names, splits, a fingerprint of the images and labels, and the split protocol. Named data sets
@@ -37,7 +38,7 @@ NAMED = {
     "sample": (lambda root, download: folder.load_sample(root, download), 10, (1000, 500),
                "bundled with probe: 100 train and 50 test images per class of the JPEG CIFAR-10", "(in the package)"),
 }
-PREFIXES = ("folder:", "hf:", "wds:")
+PREFIXES = ("folder:", "hf:", "wds:", "captions:")
 # Options that only some sources read; given for another source they are an error, not ignored.
 OPTIONS = {"image_column": "hf:", "label_column": "hf:", "test_shards": "wds:", "class_names": "wds:"}
 
@@ -46,7 +47,7 @@ def check_dataset_name(name: str) -> None:
     """A one-line error for a --dataset that no source takes, before any data is read."""
     if name not in NAMED and not name.startswith(PREFIXES):
         raise ProbeError(f"unknown data set {name!r}: choose one of {', '.join(NAMED)}, or folder:PATH, "
-                         "hf:NAME-OR-FOLDER[@CONFIG], wds:PATTERN (probe datasets lists them)")
+                         "hf:NAME-OR-FOLDER[@CONFIG], wds:PATTERN, captions:FILE (probe datasets lists them)")
 
 
 def load_dataset(name: str, data_dir: str | os.PathLike = "data", download: bool = True,
@@ -76,8 +77,12 @@ def load_dataset(name: str, data_dir: str | os.PathLike = "data", download: bool
         from probe.datasets import wds
 
         return wds.load(name[len("wds:"):], Path(data_dir), download, options)
+    if name.startswith("captions:"):
+        from probe.datasets import captions
+
+        return captions.load(name[len("captions:"):], Path(data_dir), download, options)
     raise ProbeError(f"unknown data set {name!r}: choose one of {', '.join(NAMED)}, or folder:PATH, "
-                     "hf:NAME-OR-FOLDER[@CONFIG], wds:PATTERN (probe datasets lists them)")
+                     "hf:NAME-OR-FOLDER[@CONFIG], wds:PATTERN, captions:FILE (probe datasets lists them)")
 
 
 def describe_datasets(data_dir: str | os.PathLike = "data") -> list[dict]:

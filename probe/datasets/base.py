@@ -86,6 +86,7 @@ class ImageDataset:
     splits: dict[str, Split]  # "train" and, where the data set has one, "test"
     fingerprint: str  # changes when the images or labels change
     protocol: str = OFFICIAL_TEST  # how the test split was made (recorded in the cache and metrics.json)
+    captions: list[list[str]] | None = None  # a caption data set's: each image's captions (probe retrieval)
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
