@@ -386,6 +386,20 @@ def wds_reader(r: dict) -> list[str]:
     ]
 
 
+def export(r: dict) -> list[str]:
+    s, ips, fwd = r["settings"], r["images_per_second"], r["forward_images_per_second"]
+    return [
+        f"**Export** (`benchmarks/results/export.json`; {_machine(r)}): {s['model']} at {s['resolution']} px with a "
+        f"logreg head, {s['images']} sample test images, decoding and resizing included, alternating, best of "
+        f"{s['repeats']}: `probe predict --head` {ips['probe predict --head']:.0f} images/s, `--model-file` ONNX "
+        f"(onnxruntime {s['onnxruntime']}) {ips['--model-file (onnxruntime)']:.0f}/s (**{r['onnx_over_probe_predict']:.2f}x**), "
+        f"TorchScript {ips['--model-file (torchscript)']:.0f}/s. The forward pass alone on 64 images: eager torch "
+        f"{fwd['eager torch']:.0f}/s, onnxruntime {fwd['onnxruntime']:.0f}/s, TorchScript {fwd['torchscript']:.0f}/s; "
+        f"the largest probability difference between the ONNX file and torch on that batch: "
+        f"{r['largest_probability_gap_onnx_vs_torch']:.1e}.",
+    ]
+
+
 def render() -> str:
     parts = []
     for name, fn in (("speedup", speedup), ("speedup_full", speedup), ("heads", heads),
@@ -393,7 +407,7 @@ def render() -> str:
                      ("strategies", strategies), ("lr_search", lr_search), ("bn_cause", bn_cause), ("views", views),
                      ("layers", layers), ("fingerprint", fingerprint), ("suite", suite), ("scale", scale),
                      ("wds_reader", wds_reader), ("startup", startup), ("precision", precision), ("curve", curve),
-                     ("protocol", protocol)):
+                     ("protocol", protocol), ("export", export)):
         r = _load(name)
         if r is not None:
             parts.append("\n".join(fn(r)))
@@ -509,6 +523,10 @@ def summary() -> str:
         acc = {row["method"]: row["test_accuracy"] for row in r["rows"]}
         rows.append(f"| full fine-tuning minus the cached logreg, test accuracy (3,000 images) | "
                     f"{100 * (acc['finetune-full'] - acc['logreg']):+.1f} points | +1 |")
+    r = _load("export")
+    if r is not None:
+        rows.append(f"| an exported ONNX file (onnxruntime) over `probe predict --head`, images/s on the CPU | "
+                    f"{r['onnx_over_probe_predict']:.1f}x | none set |")
     return "\n".join(rows) + "\n\nEvery figure with its machine and the rest: [docs/benchmarks.md](docs/benchmarks.md)."
 
 

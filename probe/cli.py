@@ -120,7 +120,7 @@ def main(ctx, quiet):
       probe demo                                   # everything, offline, on the bundled sample
       probe extract --model resnet18               # CIFAR-10 through ResNet-18 -> cache/*.h5
       probe fit --model resnet18 --head logreg     # a head on the cached features
-      probe predict --head runs/.../head.joblib cat.jpg
+      probe predict --head runs/<run folder> cat.jpg
       probe finetune --model resnet18 --strategy partial
       probe compare runs/*                         # every run in one table
     """
@@ -211,7 +211,7 @@ def extract(obj, **options):
                              "proj: its text tower's class embeddings, no training). [default: logreg]")
 @click.option("--features", help="A cache file to use instead of resolving one from the options below.")
 @_cache_options
-@click.option("--out", help="Run folder for head.joblib and metrics.json. [default: runs/<cache>__<head>__<identity>]")
+@click.option("--out", help="Run folder for the head (head.json, head.npz), metrics.json and predictions.h5. [default: runs/<cache>__<head>__<identity>]")
 @click.option("--classes", help="Comma-separated class names or indices to keep.")
 @click.option("--train-per-class", type=int, help="A balanced, seeded subset of N training images per class.")
 @click.option("--seed", type=int, help="Seed of the subset, the validation split and torch heads. [default: 0]")
@@ -300,17 +300,31 @@ def _print_metrics(out, m, as_json):
 
 
 @main.command()
-@click.option("--head", required=True, help="head.joblib (or its run folder) written by probe fit.")
+@click.option("--head", help="The run folder written by probe fit (or its head.json).")
+@click.option("--model-file", help="Instead of --head: a model file written by probe export (.onnx through "
+                                   "onnxruntime, or TorchScript .pt).")
 @click.argument("images", nargs=-1, required=True, type=click.Path())
 @click.option("--top-k", type=int, help="Classes to show per image. [default: 5]")
 @click.option("--device", help="auto, cpu or cuda. [default: auto]")
+@click.option("--trust-pickle", is_flag=True, help="Open a head.joblib of probe 0.4 or older: a pickle, which runs any "
+                                                  "code it holds, so only one you made yourself.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @_errors_to_exit_codes
-def predict(head, images, top_k, device, as_json):
-    """Classify image files with a saved head (heads are pickles: load only ones you trust)."""
-    from probe.predict import predict as run
+def predict(head, model_file, images, top_k, device, trust_pickle, as_json):
+    """Classify image files with a saved head, or with a model file of probe export. Heads are data
+    (head.json, head.npz), never code: opening one someone sent runs nothing."""
+    from probe.errors import ProbeError
 
-    results = run(head, list(images), **_kwargs(top_k=top_k, device=device))
+    if (head is None) == (model_file is None):
+        raise ProbeError("give --head RUN (a probe fit run folder) or --model-file FILE (of probe export), one of them")
+    if model_file is not None:
+        from probe.export import predict_file
+
+        results = predict_file(model_file, list(images), **_kwargs(top_k=top_k))
+    else:
+        from probe.predict import predict as run
+
+        results = run(head, list(images), **_kwargs(top_k=top_k, device=device), trust_pickle=trust_pickle)
     if as_json:
         click.echo(json.dumps(results, indent=2))
     for r in results if not as_json else []:
@@ -320,6 +334,24 @@ def predict(head, images, top_k, device, as_json):
             click.echo(f"{r['image']}: " + ", ".join(f"{t['class']} {t['probability']:.1%}" for t in r["top"]))
     if any("error" in r for r in results):
         sys.exit(2)
+
+
+@main.command("export")
+@click.argument("run", type=click.Path())
+@click.option("--format", "fmt", type=click.Choice(["onnx", "torchscript"]), default="onnx", show_default=True,
+              help="ONNX (opset 18, run by onnxruntime: pip install \"probe[onnx]\") or TorchScript.")
+@click.option("--out", required=True, help="The model file to write (model.onnx, model.pt).")
+@click.option("--trust-pickle", is_flag=True, help="Open a head.joblib of probe 0.4 or older (a pickle: only your own).")
+@_errors_to_exit_codes
+def export_cmd(run, fmt, out, trust_pickle):
+    """Write a fitted head with its backbone as one model file: float32 images [N, 3, S, S] (pixels 0..255,
+    resized and center-cropped as the file's metadata says) in, class probabilities out; the model's
+    normalization, the backbone, the head (its scaler folded in) and its temperature inside; the classes,
+    preprocessing and the run's identity in its metadata. probe predict --model-file runs it."""
+    from probe.export import export
+
+    meta = export(run, out, fmt, trust_pickle=trust_pickle)
+    click.echo(f"wrote {out}: {meta['model']} and its head, {len(meta['classes'])} classes, input {meta['input']}")
 
 
 @main.group()

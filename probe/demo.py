@@ -24,5 +24,5 @@ def demo(*, model: str = "efficientnet_lite0", resolution: int | None = None, ca
         f"fit      logreg (C={m['hyperparameters']['C_chosen']:.3g}, {m['hyperparameters']['C_from']}) in {m['fit_seconds']:.1f} s: "
         f"test accuracy {m['test_accuracy']:.1%} on {m['n_test']} images ({m['n_train']} train)",
         f"predict  {image.relative_to(SAMPLE_DIR)}: " + ", ".join(f"{t['class']} {t['probability']:.0%}" for t in top),
-        f"saved    {fitted.out}/head.joblib and metrics.json",
+        f"saved    {fitted.out}/head.json, head.npz and metrics.json",
     ])

@@ -227,8 +227,11 @@ def prepare(*, strategy: str = "partial", model: str = "resnet18", dataset: str 
               "unfreeze": list(unfreeze), "init_head": init_head, "test_fraction": test_fraction, "bn": bn,
               "curve_test": curve_test, **({"data_options": data_options} if data_options else {})}
     if init_head is not None and not Path(init_head).exists():
-        raise ProbeError(f"no head file {init_head}; give the head.joblib (or run folder) that probe fit wrote")
-    head_file = Path(init_head) / "head.joblib" if init_head and Path(init_head).is_dir() else init_head
+        raise ProbeError(f"no head {init_head}; give the run folder (or its head.json) that probe fit wrote")
+    head_file = init_head
+    if init_head and Path(init_head).is_dir():  # head.json holds the SHA-256 of head.npz: it identifies both
+        head_file = next((Path(init_head) / f for f in ("head.json", "head.joblib") if (Path(init_head) / f).exists()),
+                         Path(init_head) / "head.json")
     spec_fields = {
         "artifact": "finetune", "revision": REVISION,
         "data": {"dataset": source.name, "fingerprint": source.fingerprint, "protocol": source.protocol},

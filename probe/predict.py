@@ -21,7 +21,7 @@ BATCH_SIZE = 64  # images per backbone pass
 
 
 def predict(head: str | os.PathLike, images: list[str | os.PathLike], *, top_k: int = 5,
-            device: str = "auto") -> list[dict]:
+            device: str = "auto", trust_pickle: bool = False) -> list[dict]:
     """Top-k classes with probabilities for each image file.
 
     Returns one dict per image: {"image", "top": [{"class", "probability"}, ...]} or, for a file
@@ -29,7 +29,7 @@ def predict(head: str | os.PathLike, images: list[str | os.PathLike], *, top_k: 
     """
     if top_k < 1:
         raise ProbeError(f"--top-k must be positive, not {top_k}")
-    artifact = load_head(head)
+    artifact = load_head(head, trust_pickle=trust_pickle)
     weights, spec = artifact["weights"], resolve(artifact["model"])
     if weights not in ("default", "none") and not Path(weights).exists():
         raise ProbeError(f"the head's backbone weights file {weights} is gone; put it back or fit the head again")

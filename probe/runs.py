@@ -1,4 +1,4 @@
-"""Run folders: what `probe fit` and `probe finetune` leave (metrics.json, and a fit's head.joblib), each
+"""Run folders: what `probe fit` and `probe finetune` leave (metrics.json, and a fit's head.json + head.npz), each
 with the identity of what made it (probe.identity) inside, so a later command reuses a run only when
 that identity is the one it wants.
 
@@ -24,13 +24,13 @@ from probe import identity
 from probe.errors import ProbeError
 from probe.files import atomic_write, check_space, lock, make_dir
 
-HEAD_FORMAT = 1
+HEAD_FORMAT = 2  # 1: the same artifact, pickled in head.joblib (probe 0.4 and older)
 
 
 @dataclass
 class FitResult:
     """What `probe fit` and `probe finetune` return: the run folder and its metrics."""
-    out: Path  # the run folder: metrics.json (and a fit's head.joblib and predictions.h5)
+    out: Path  # the run folder: metrics.json (and a fit's head.json, head.npz and predictions.h5)
     metrics: dict
     reused: bool = False  # True: a finished run of the same identity was read back, nothing was fitted
 
@@ -99,41 +99,61 @@ def load_predictions(run: str | os.PathLike) -> dict:
 
 
 def save_run(out_dir: Path, artifact: dict | None, metrics: dict, predictions: dict | None = None) -> None:
-    """Write head.joblib, predictions.h5 and metrics.json, each atomically, under a lock so two writers
-    cannot interleave (metrics.json last: a run with metrics is whole)."""
-    import joblib
+    """Write head.npz and head.json (probe.headfile: no pickle), predictions.h5 and metrics.json, each
+    atomically, under a lock so two writers cannot interleave (metrics.json last: a run with metrics is
+    whole). A head.joblib of an earlier probe in the folder is removed: the folder holds one head."""
+    from probe import headfile
 
     make_dir(out_dir)
-    head = None
-    if artifact is not None:  # serialized first, so the disk check knows its size
-        buffer = io.BytesIO()
-        joblib.dump(artifact, buffer)
-        head = buffer.getbuffer()
+    head = headfile.dumps(artifact) if artifact is not None else None  # first, so the disk check knows its size
     text = json.dumps(metrics, indent=2, allow_nan=False).encode()
     table = predictions_bytes(**predictions) if predictions is not None else None
+    sizes = len(text) + (len(head[0]) + len(head[1]) if head else 0) + (len(table) if table is not None else 0)
     with lock(out_dir / ".lock"):
-        check_space(out_dir, len(text) + sum(len(b) for b in (head, table) if b is not None), "head.joblib, predictions.h5 and metrics.json")
+        check_space(out_dir, sizes, "head.json, head.npz, predictions.h5 and metrics.json")
         if head is not None:
-            atomic_write(out_dir / "head.joblib", head)
+            atomic_write(out_dir / "head.npz", head[1])
+            atomic_write(out_dir / "head.json", head[0])
+            (out_dir / "head.joblib").unlink(missing_ok=True)
+        else:  # a fine-tune: another run's head left in the folder is not this run's
+            for name in ("head.json", "head.npz", "head.joblib"):
+                (out_dir / name).unlink(missing_ok=True)
         if table is not None:
             atomic_write(out_dir / "predictions.h5", table)
         atomic_write(out_dir / "metrics.json", text)
 
 
-def load_head(path: str | os.PathLike) -> dict:
-    """Load a head saved by `probe fit` (a pickle: load only heads from sources you trust)."""
-    import joblib
+def load_head(path: str | os.PathLike, trust_pickle: bool = False) -> dict:
+    """Load a head saved by `probe fit`: a run folder (or its head.json). A head.joblib of probe 0.4 and
+    older is a pickle, which can run any code when opened: it is loaded only with trust_pickle."""
+    from probe import headfile
 
     path = Path(path)
-    if path.is_dir():
-        path = path / "head.joblib"
-    if not path.is_file():
-        raise ProbeError(f"no head file {path}; give the head.joblib (or run folder) that probe fit wrote")
-    try:
-        artifact = joblib.load(path)
-    except Exception as e:  # truncated pickles raise EOFError, UnpicklingError, ValueError, ...
-        raise ProbeError(f"cannot load head {path} ({type(e).__name__}); it is damaged: run probe fit again") from None
+    folder = path if path.is_dir() else path.parent
+    pickled = folder / "head.joblib" if path.is_dir() or path.name == "head.json" else path
+    if (folder / "head.json").is_file() and (path.is_dir() or path.name == "head.json"):
+        artifact = headfile.load(folder)
+    elif pickled.name.endswith(".joblib") and pickled.is_file():
+        if not trust_pickle:
+            raise ProbeError(f"{pickled} is a pickle (a head of probe 0.4 or older), which runs whatever code it holds "
+                             "when opened: run probe fit again, or if you made it yourself, give --trust-pickle "
+                             "(probe predict and probe export take it)")
+        import joblib
+
+        try:
+            artifact = joblib.load(pickled)
+        except Exception as e:  # truncated pickles raise EOFError, UnpicklingError, ValueError, ...
+            raise ProbeError(f"cannot load head {pickled} ({type(e).__name__}); it is damaged: run probe fit again") from None
+        if isinstance(artifact, dict) and artifact.get("format") == 1:
+            artifact["format"] = HEAD_FORMAT  # the same artifact, pickled
+    else:
+        raise ProbeError(f"no head in {path}; give the run folder (or its head.json) that probe fit wrote")
     needed = ("pipeline", "classes", "model", "weights", "weights_identity", "resolution", "feature_dim")
     if not isinstance(artifact, dict) or artifact.get("format") != HEAD_FORMAT or any(k not in artifact for k in needed):
         raise ProbeError(f"{path} is not a probe head of format {HEAD_FORMAT}; run probe fit again")
+    seen = getattr(artifact["pipeline"], "classes_", None)
+    if not isinstance(artifact["classes"], list) or seen is None or len(seen) == 0 or \
+            int(np.max(seen)) >= len(artifact["classes"]):
+        raise ProbeError(f"the head in {path} names fewer classes than its pipeline predicts: it is damaged; run probe "
+                         "fit again")
     return artifact

@@ -156,7 +156,8 @@ def hf_text_folder(folder: Path, kind: str) -> Path:
     from probe.zeroshot import prompts
 
     words = sorted(set(re.findall(r"\w+", json.dumps(prompts()["default_templates"] + prompts()["templates"]["cifar10"]
-                                                     + ["cat", "dog", "frog", "airplane", "ship"]).lower())))
+                                                     + ["cat", "dog", "frog", "airplane", "ship", "number", "take"]
+                                                     + [str(i) for i in range(20)]).lower())))
     vocab = {"[PAD]": 0, "[UNK]": 1, "[BOS]": 2, "[EOS]": 3, **{w: i + 4 for i, w in enumerate(words)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()

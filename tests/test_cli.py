@@ -18,7 +18,7 @@ def test_demo_options(run_cli, tmp_path):
                      "--device", "cpu")
     assert result.exit_code == 0, result.output
     assert "test accuracy" in result.output and "predict  test/cat/0000.jpg" in result.output
-    assert list((tmp_path / "c").glob("*.h5")) and list((tmp_path / "r").glob("*/head.joblib"))
+    assert list((tmp_path / "c").glob("*.h5")) and list((tmp_path / "r").glob("*/head.json"))
 
 
 def test_extract_workers_and_fit_options(run_cli, tmp_path, mixed_folder):

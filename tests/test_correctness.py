@@ -6,7 +6,6 @@ import os
 import signal
 import time
 
-import joblib
 import numpy as np
 import pytest
 import torch
@@ -21,13 +20,14 @@ from probe.augment import augment
 from probe.finetune import _load
 from probe.fit import fit
 from probe.predict import predict
+from probe.runs import load_head
 
 TINY = ["--model", "resnet18", "--resolution", "32"]
 
 
 def _agreement(run, cache_path, images, split="test"):
     """Share of images where probe predict's top class equals the head's prediction on the cached feature."""
-    artifact = joblib.load(run / "head.joblib")
+    artifact = load_head(run)
     X, _ = open_cache(cache_path).load(split)
     expected = [artifact["classes"][int(c)] for c in artifact["pipeline"].predict(X)]
     answers = predict(run, images, device="cpu")
@@ -45,7 +45,7 @@ def test_a_head_fitted_on_a_features_file_rebuilds_the_caches_backbone_not_the_c
     [cache_file] = (tmp_path / "cache").glob("*.h5")
     # No --weights here: the head must still record the weights the cache was made with.
     assert run_cli("fit", "--features", cache_file, "--head", "knn", "--k", "3", "--out", tmp_path / "run").exit_code == 0
-    artifact = joblib.load(tmp_path / "run" / "head.joblib")
+    artifact = load_head(tmp_path / "run")
     assert artifact["weights"] == "none" == artifact["weights_identity"]
     assert _agreement(tmp_path / "run", cache_file, _test_images(data)) == 1.0
 
@@ -58,7 +58,7 @@ def test_predict_refuses_a_weights_file_that_changed_and_finds_it_from_another_f
     assert run_cli("fit", *TINY, "--weights", "w.pt", "--dataset", f"folder:{data}", "--head", "knn", "--k", "3",
                    "--out", "run").exit_code == 0
     run, [cache_file] = tmp_path / "run", list((tmp_path / "cache").glob("*.h5"))
-    assert joblib.load(run / "head.joblib")["weights"] == str(tmp_path / "w.pt")  # absolute, not as typed
+    assert load_head(run)["weights"] == str(tmp_path / "w.pt")  # absolute, not as typed
 
     # From another folder that holds a different w.pt, the head still uses its own file.
     elsewhere = tmp_path / "elsewhere"

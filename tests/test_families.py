@@ -253,7 +253,7 @@ def _extract_fit_predict(run_cli, model, *extra):
     assert again.exit_code == 0 and "cache hit" in again.output
     fit = run_cli("fit", "--features", path, "--head", "logreg", "--C", "1", "--json")
     assert fit.exit_code == 0, fit.output
-    head = next(Path("runs").glob("*/head.joblib"))
+    head = next(Path("runs").glob("*/head.json")).parent
     image = next((SAMPLE_DIR / "test" / "cat").glob("*.jpg"))
     predicted = run_cli("predict", "--head", head, image, "--json")
     assert predicted.exit_code == 0, predicted.output

@@ -12,6 +12,7 @@ from probe.errors import ProbeError
 from probe.preprocess import Preprocess
 from probe.augment import augment
 from probe.finetune import Classifier, finetune, set_trainable, train_mode
+from probe.runs import load_head
 
 
 @pytest.fixture
@@ -157,8 +158,7 @@ def test_lp_ft_starts_from_a_fitted_head_with_its_scaler_folded_in(sample_cache,
     net.l2_features = _init_from_head(net.fc, str(tmp_path / "h"), fitted["classes"])
     assert net.l2_features
     features, _ = cache.load("test")
-    import joblib
-    expected = joblib.load(tmp_path / "h" / "head.joblib")["pipeline"].predict_proba(features)
+    expected = load_head(tmp_path / "h")["pipeline"].predict_proba(features)
     with torch.no_grad():
         got = torch.softmax(net.fc(torch.nn.functional.normalize(torch.from_numpy(features), dim=1)), 1).numpy()
     np.testing.assert_allclose(got, expected, atol=1e-4)

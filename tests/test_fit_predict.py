@@ -3,7 +3,6 @@
 import json
 from pathlib import Path
 
-import joblib
 import numpy as np
 import pytest
 
@@ -12,6 +11,7 @@ from probe.cache import open_cache
 from probe.datasets import SAMPLE_DIR
 from probe.fit import fit
 from probe.selection import select
+from probe.runs import load_head
 
 
 def test_extract_fit_predict_end_to_end(run_cli, tmp_path):
@@ -34,10 +34,10 @@ def test_extract_fit_predict_end_to_end(run_cli, tmp_path):
 
     # predict on an image file gives what the head gives on that image's cached feature
     image = SAMPLE_DIR / "test" / "airplane" / "0000.jpg"  # row 0 of the test split
-    predicted = run_cli("predict", "--head", run / "head.joblib", image, "--json", "--top-k", "3")
+    predicted = run_cli("predict", "--head", run / "head.json", image, "--json", "--top-k", "3")
     assert predicted.exit_code == 0, predicted.output
     [answer] = json.loads(predicted.stdout)
-    artifact = joblib.load(run / "head.joblib")
+    artifact = load_head(run)
     features, _ = open_cache(metrics["cache"]).load("test")
     proba = artifact["pipeline"].predict_proba(features[:1])[0]
     assert answer["top"][0]["class"] == metrics["classes"][int(proba.argmax())]
@@ -117,11 +117,15 @@ def test_predict_with_a_missing_weights_file_or_a_damaged_head(run_cli, tmp_path
     weights.unlink()
     assert_one_line_error(run_cli("predict", "--head", tmp_path / "run", image), "weights file", "r18.pt", "is gone")
 
-    head = tmp_path / "run" / "head.joblib"
-    damaged = tmp_path / "damaged.joblib"
-    damaged.write_bytes(head.read_bytes()[:100])
-    assert_one_line_error(run_cli("predict", "--head", damaged, image), "damaged.joblib", "probe fit")
-    assert_one_line_error(run_cli("predict", "--head", tmp_path / "nope.joblib", image), "no head file")
+    import shutil
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tmp_path / "run", damaged)
+    (damaged / "head.npz").write_bytes((damaged / "head.npz").read_bytes()[:100])
+    assert_one_line_error(run_cli("predict", "--head", damaged, image), "head.npz", "probe fit")
+    (damaged / "head.json").write_text("{")
+    assert_one_line_error(run_cli("predict", "--head", damaged, image), "damaged", "probe fit")
+    assert_one_line_error(run_cli("predict", "--head", tmp_path / "nope", image), "no head")
 
 
 def test_two_fits_writing_the_same_head_leave_a_whole_one(sample_cache, tmp_path):
@@ -133,10 +137,10 @@ def test_two_fits_writing_the_same_head_leave_a_whole_one(sample_cache, tmp_path
     with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
         jobs = [pool.submit(fit, features=str(sample_cache), head="knn", out=out) for _ in range(2)]
         [j.result() for j in jobs]
-    assert joblib.load(tmp_path / "shared" / "head.joblib")["model"] == "efficientnet_lite0"
+    assert load_head(tmp_path / "shared")["model"] == "efficientnet_lite0"
     assert json.loads((tmp_path / "shared" / "metrics.json").read_text())["method"] == "knn"
     names = sorted(p.name for p in (tmp_path / "shared").iterdir())
-    assert names == [".lock", "head.joblib", "metrics.json", "predictions.h5"]
+    assert names == [".lock", "head.json", "head.npz", "metrics.json", "predictions.h5"]
 
 
 def test_class_weight_through_the_cli(run_cli, sample_cache):
@@ -149,3 +153,42 @@ def test_class_weight_through_the_cli(run_cli, sample_cache):
                           "--class-weight", "not knn")
     two = run_cli("fit", "--features", sample_cache, "--classes", "cat,dog", "--json")
     assert json.loads(two.stdout)["top5_accuracy"] is None  # two classes: top-5 means nothing
+
+
+class _Payload:
+    """What a malicious pickle does: unpickling it calls a function, here one that creates a file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_head_file_is_data_and_a_pickle_is_opened_only_when_trusted(run_cli, sample_cache, tmp_path):
+    import joblib
+
+    image = next((SAMPLE_DIR / "test" / "cat").glob("*.jpg"))
+    marker = tmp_path / "created-by-the-pickle"
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    joblib.dump({"format": 1, "pipeline": _Payload(marker)}, evil / "head.joblib")
+    assert_one_line_error(run_cli("predict", "--head", evil, image), "pickle", "--trust-pickle")
+    assert_one_line_error(run_cli("predict", "--head", evil / "head.joblib", image), "pickle")
+    assert_one_line_error(run_cli("finetune", "--init-head", evil, "--strategy", "lp-ft", "--model", "resnet18",
+                                  "--weights", "none", "--resolution", "32", "--dataset", "sample"), "pickle")
+    assert not marker.exists()
+
+    fit(features=str(sample_cache), head="logreg", C=1.0, out=str(tmp_path / "run"))
+    old = tmp_path / "old"  # a head of probe 0.4, of one's own: the same artifact, pickled
+    old.mkdir()
+    joblib.dump({**load_head(tmp_path / "run"), "format": 1}, old / "head.joblib")
+    assert_one_line_error(run_cli("predict", "--head", old, image), "--trust-pickle")
+    trusted, safe = (run_cli("predict", "--head", h, image, "--json", *extra) for h, extra in
+                     ((old, ["--trust-pickle"]), (tmp_path / "run", [])))
+    assert trusted.exit_code == 0 and json.loads(trusted.output) == json.loads(safe.output)
+
+    record = json.loads((tmp_path / "run" / "head.json").read_text())
+    record["artifact"]["pipeline"]["__object__"] = "os.system"  # a class no probe head holds
+    (tmp_path / "run" / "head.json").write_text(json.dumps(record))
+    assert_one_line_error(run_cli("predict", "--head", tmp_path / "run", image), "os.system", "refused")

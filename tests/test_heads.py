@@ -23,7 +23,7 @@ def features(sample_cache):
 
 
 @pytest.mark.parametrize("name", list(HEADS))
-def test_each_head_beats_chance_clearly_and_round_trips(features, name):
+def test_each_head_beats_chance_clearly_and_round_trips(features, name, tmp_path):
     X, y, Xt, yt = features
     head = make_head(name, **({"device": "cpu"} if "device" in HEADS[name]().get_params() else {}))
     assert head.fit(X, y) is head  # zeroshot without class embeddings: each class's normalized mean
@@ -36,6 +36,16 @@ def test_each_head_beats_chance_clearly_and_round_trips(features, name):
     joblib.dump(head, buffer)
     buffer.seek(0)
     np.testing.assert_array_equal(joblib.load(buffer).predict(Xt), head.predict(Xt))
+    # And through the safe head format (probe.headfile: JSON and arrays, no pickle), in a pipeline.
+    from sklearn.pipeline import make_pipeline
+
+    from probe import headfile
+
+    text, arrays = headfile.dumps({"pipeline": make_pipeline(head)})
+    (tmp_path / "head.json").write_bytes(text)
+    (tmp_path / "head.npz").write_bytes(arrays)
+    back = headfile.load(tmp_path)["pipeline"]
+    np.testing.assert_array_equal(back.predict_proba(Xt), head.predict_proba(Xt))
     # Clonable with the same hyperparameters, like any scikit-learn estimator.
     assert clone(head).get_params() == head.get_params()
 

@@ -17,6 +17,7 @@ from conftest import assert_one_line_error, copy_sample
 from probe.cache import open_cache
 from probe.datasets import SAMPLE_DIR
 from probe.extract import Embedder, extract
+from probe.runs import load_head
 
 
 def _x(size: int) -> torch.Tensor:
@@ -151,11 +152,10 @@ def test_cli_layers_fit_layer_depth_and_predict(run_cli):
     predicted = run_cli("predict", "--head", head, image, "--json")
     assert predicted.exit_code == 0, predicted.output
     # The head's class on a test image equals its class for that image's cached layer feature.
-    import joblib
 
     from probe.datasets import load_dataset
 
-    artifact = joblib.load(head / "head.joblib")
+    artifact = load_head(head)
     row = load_dataset("sample").splits["test"].images.paths.index(str(image))
     Xt, _ = open_cache(cache).load("test", "blocks.3")
     expected = artifact["classes"][int(artifact["pipeline"].predict(Xt[row:row + 1])[0])]

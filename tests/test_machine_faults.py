@@ -6,7 +6,6 @@ import pickle
 import subprocess
 import sys
 
-import joblib
 import numpy as np
 import pytest
 import torch
@@ -14,6 +13,7 @@ import torch
 from conftest import assert_one_line_error, copy_sample
 from probe.cache import open_cache
 from probe.selection import select
+from probe.runs import load_head
 
 TINY = ["--model", "resnet18", "--weights", "none", "--resolution", "32"]
 
@@ -95,12 +95,12 @@ def test_a_disk_full_at_the_head_write_leaves_no_head_and_the_rerun_writes_it(ru
     assert run_cli("extract", *TINY, "--dataset", f"folder:{data}").exit_code == 0
     disk = mount(64_000)  # a kNN head holds its 200 x 512 training features: 400 KB
     args = ["fit", *TINY, "--dataset", f"folder:{data}", "--head", "knn", "--out", disk / "run"]
-    assert_one_line_error(run_cli(*args), "not enough disk space", "head.joblib")
-    assert not (disk / "run" / "head.joblib").exists() and not (disk / "run" / "metrics.json").exists()
+    assert_one_line_error(run_cli(*args), "not enough disk space", "head.json")
+    assert not (disk / "run" / "head.json").exists() and not (disk / "run" / "metrics.json").exists()
     assert _leftovers(disk) == []
     remount(disk, "size=4m")
     assert run_cli(*args).exit_code == 0
-    assert joblib.load(disk / "run" / "head.joblib")["model"] == "resnet18"
+    assert load_head(disk / "run")["model"] == "resnet18"
 
 
 def test_a_read_only_cache_folder_is_one_line(run_cli, small_disk, data):

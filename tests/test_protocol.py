@@ -22,7 +22,7 @@ from probe.runs import load_head
 def test_each_normalization_is_the_pipeline_scikit_learn_would_build(sample_cache, tmp_path, normalize, steps):
     result = fit(features=str(sample_cache), normalize=normalize, C=0.1, out=str(tmp_path / normalize), device="cpu")
     assert result.metrics["identity"]["normalize"] == normalize
-    pipeline = load_head(str(tmp_path / normalize / "head.joblib"))["pipeline"]
+    pipeline = load_head(str(tmp_path / normalize))["pipeline"]
     assert [type(s) for _, s in pipeline.steps[:-1]] == steps
     # The same head from scikit-learn's own steps, fitted on the same rows, predicts the same test images.
     X, y = open_cache(sample_cache).load("train")
@@ -40,8 +40,8 @@ def test_a_streamed_fit_normalizes_as_the_in_memory_one(sample_cache, tmp_path):
     assert capped["streamed"] and not in_memory["streamed"]
     assert capped["hyperparameters"]["C_chosen"] == in_memory["hyperparameters"]["C_chosen"]
     assert capped["confusion_matrix"] == in_memory["confusion_matrix"]
-    memory_scaler = load_head(str(tmp_path / "mem" / "head.joblib"))["pipeline"][1]
-    streamed_scaler = load_head(str(tmp_path / "cap" / "head.joblib"))["pipeline"][1]
+    memory_scaler = load_head(str(tmp_path / "mem" / "head.json"))["pipeline"][1]
+    streamed_scaler = load_head(str(tmp_path / "cap" / "head.json"))["pipeline"][1]
     np.testing.assert_allclose(streamed_scaler.mean_, memory_scaler.mean_, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(streamed_scaler.scale_, memory_scaler.scale_, rtol=1e-4)
 
@@ -72,13 +72,13 @@ def test_lp_ft_starts_where_the_head_is_whatever_its_normalization(sample_cache,
     names = open_cache(sample_cache).classes
     run = fit(features=str(sample_cache), normalize=normalize, C=0.1, out=str(tmp_path / normalize), device="cpu")
     fc = nn.Linear(1280, len(names))
-    l2 = _init_from_head(fc, str(run.out / "head.joblib"), names)
+    l2 = _init_from_head(fc, str(run.out), names)
     assert l2 == normalize.startswith("l2")
     Xt, _ = open_cache(sample_cache).load("test")
     features = torch.from_numpy(Xt)
     with torch.no_grad():
         ours = torch.softmax(fc(nn.functional.normalize(features, dim=1) if l2 else features), 1).numpy()
-    head = load_head(str(run.out / "head.joblib"))["pipeline"]
+    head = load_head(str(run.out / "head.json"))["pipeline"]
     np.testing.assert_allclose(ours, head.predict_proba(Xt), atol=1e-4)
 
 

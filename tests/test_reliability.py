@@ -87,7 +87,7 @@ def test_a_write_that_fails_midway_leaves_the_old_file(tmp_path):
 
 
 def test_a_write_killed_midway_leaves_the_old_file(tmp_path):
-    target = tmp_path / "head.joblib"
+    target = tmp_path / "head.npz"
     target.write_text("old")
     code = ("import sys, time; from probe.files import atomic_write; "
             "atomic_write(sys.argv[1], lambda f: (f.write(b'x' * 2**20), f.flush(), time.sleep(60)))")

@@ -240,7 +240,7 @@ def test_a_damaged_run_is_fitted_again_not_reused(run_cli, tmp_path):
             "--out", "s"]
     assert run_cli(*args).exit_code == 0
     [run] = [p for p in Path("s").iterdir() if p.is_dir()]
-    (run / "head.joblib").write_text("garbage")
+    (run / "head.json").write_text("garbage")
     assert run_cli(*args).exit_code == 0
     assert json.loads(Path("s/suite.json").read_text())["pairs"][0]["status"] == "done"
 

@@ -115,7 +115,7 @@ def test_a_streamed_knn_head_predicts_from_its_cache(sample_cache, tmp_path, run
     fit(head="knn", features=str(sample_cache), out=str(tmp_path / "mem"), device="cpu")
     fit(head="knn", features=str(sample_cache), out=str(tmp_path / "cap"), device="cpu",
         max_memory=resident_bytes() + (2 << 20))
-    assert (tmp_path / "cap" / "head.joblib").stat().st_size < (tmp_path / "mem" / "head.joblib").stat().st_size / 10
+    assert (tmp_path / "cap" / "head.npz").stat().st_size < (tmp_path / "mem" / "head.npz").stat().st_size / 10
     images = sorted((SAMPLE_DIR / "test").glob("*/*.jpg"))[::25]
     same = [run_cli("predict", "--head", tmp_path / r, *images, "--json") for r in ("mem", "cap")]
     assert all(r.exit_code == 0 for r in same) and same[0].output == same[1].output

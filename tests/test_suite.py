@@ -54,7 +54,7 @@ def test_a_rerun_with_another_head_redoes_nothing_that_finished(tmp_path, run_cl
     args = ["suite", "--models", MODELS, "--datasets", "sample", *COMMON]
     assert run_cli(*args, "--head", "logreg").exit_code == 0
     caches = {p: p.stat().st_mtime_ns for p in Path("cache").glob("*.h5")}
-    fits = {p: p.stat().st_mtime_ns for p in Path("runs/suite").rglob("head.joblib")}
+    fits = {p: p.stat().st_mtime_ns for p in Path("runs/suite").rglob("head.npz")}
     assert len(caches) == 2 and len(fits) == 2
     assert run_cli(*args, "--head", "logreg,knn").exit_code == 0
     summary = json.loads(Path("runs/suite/suite.json").read_text())

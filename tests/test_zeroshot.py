@@ -18,6 +18,7 @@ from probe import zeroshot
 from probe.backbones import create_backbone
 from probe.cache import open_cache
 from probe.heads import ZeroShotHead
+from probe.runs import load_head
 
 CLASSES = ["cat", "dog", "frog"]
 
@@ -251,8 +252,9 @@ def _caption_sets(root: Path) -> dict[str, Path]:
     return {"flickr": flickr / "flickr30k_test_karpathy.txt", "coco": coco / "coco_test_karpathy.json"}
 
 
-@pytest.mark.parametrize("layout", ["flickr", "coco"])
-def test_image_text_retrieval_is_clip_benchmarks_recall(run_cli, models, layout, tmp_path):
+@pytest.mark.parametrize("kind,layout", [("open_clip", "flickr"), ("open_clip", "coco"), ("clip", "flickr"),
+                                         ("siglip", "flickr")])
+def test_image_text_retrieval_is_clip_benchmarks_recall(run_cli, models, kind, layout, tmp_path):
     """Caption sets in their published layouts read as CLIP_benchmark reads them, and recall@k in both
     directions equal to CLIP_benchmark's recall_at_k on the same embeddings."""
     import open_clip
@@ -274,7 +276,7 @@ def test_image_text_retrieval_is_clip_benchmarks_recall(run_cli, models, layout,
             [theirs.coco.loadImgs(i)[0]["file_name"] for i in theirs.ids]
         assert data.captions == [theirs._load_target(i) for i in theirs.ids]
 
-    model = f"open_clip:local-dir:{models['open_clip']}"
+    model = f"open_clip:local-dir:{models['open_clip']}" if kind == "open_clip" else f"hf:{models[kind]}"
     assert run_cli("extract", "--model", model, "--pool", "proj", "--dataset", f"captions:{annotations}").exit_code == 0
     cache = next((tmp_path / "cache").glob("captions*.h5"))
     result = run_cli("retrieval", cache, "--out", "r")
@@ -282,10 +284,20 @@ def test_image_text_retrieval_is_clip_benchmarks_recall(run_cli, models, layout,
     m = json.loads((tmp_path / "r" / "retrieval.json").read_text())
     assert m["n_images"] == 12 and m["n_texts"] == 30
 
-    clip = open_clip.create_model(f"local-dir:{models['open_clip']}").eval()
-    tokenizer = open_clip.get_tokenizer(f"local-dir:{models['open_clip']}")
+    captions = [t for c in data.captions for t in c]
     with torch.inference_mode():
-        texts = torch.nn.functional.normalize(clip.encode_text(tokenizer([t for c in data.captions for t in c])), dim=-1)
+        if kind == "open_clip":
+            clip = open_clip.create_model(f"local-dir:{models['open_clip']}").eval()
+            texts = clip.encode_text(open_clip.get_tokenizer(f"local-dir:{models['open_clip']}")(captions))
+        else:
+            from transformers import AutoModel, AutoTokenizer
+
+            tokens = AutoTokenizer.from_pretrained(models[kind])(captions, return_tensors="pt",
+                                                                 padding="max_length" if kind == "siglip" else True)
+            texts = AutoModel.from_pretrained(models[kind]).eval().get_text_features(
+                input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+            texts = texts if isinstance(texts, torch.Tensor) else texts.pooler_output
+    texts = torch.nn.functional.normalize(texts, dim=-1)
     images = torch.nn.functional.normalize(torch.as_tensor(open_cache(cache).load("train")[0]), dim=-1)
     scores = texts @ images.T
     positive = torch.zeros_like(scores, dtype=torch.bool)
@@ -300,7 +312,6 @@ def test_image_text_retrieval_is_clip_benchmarks_recall(run_cli, models, layout,
 def test_init_zeroshot_starts_from_and_regularizes_towards_the_zero_shot_classifier(run_cli, models, data, tmp_path):
     """The zero-shot classifier as a layer on the normalized features gives the zero-shot head's own
     probabilities; logreg --init zeroshot at a tiny C stays at it, and linear starts from it."""
-    import joblib
     from scipy.special import softmax
 
     from probe.heads import LogisticProbe, TorchLinear, normalization_steps
@@ -309,7 +320,7 @@ def test_init_zeroshot_starts_from_and_regularizes_towards_the_zero_shot_classif
     args = ["--model", model, "--dataset", f"folder:{data}", "--pool", "proj"]
     assert run_cli("extract", *args).exit_code == 0
     assert run_cli("fit", *args, "--head", "zeroshot", "--out", "zs").exit_code == 0
-    zs = joblib.load(tmp_path / "zs" / "head.joblib")["pipeline"]
+    zs = load_head(tmp_path / "zs")["pipeline"]
     cache = open_cache(json.loads((tmp_path / "zs" / "metrics.json").read_text())["cache"])
     X, y = cache.load("train")
     head = zs[-1]
@@ -331,7 +342,7 @@ def test_init_zeroshot_starts_from_and_regularizes_towards_the_zero_shot_classif
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "init" / "metrics.json").read_text())
     assert metrics["identity"]["params"]["init"]["kind"] == "zeroshot"
-    fitted = joblib.load(tmp_path / "init" / "head.joblib")["pipeline"]
+    fitted = load_head(tmp_path / "init")["pipeline"]
     # At a tiny C the head's weights are the zero-shot classifier's in its own normalized space (the
     # intercept, unpenalized as in scikit-learn, fits the class shares).
     prior = zeroshot.weights_after(list(fitted[:-1]), head.weights_, head.logit_scale, head.logit_bias)
