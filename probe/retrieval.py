@@ -104,12 +104,8 @@ def retrieval(cache: str | os.PathLike, *, layer: str | None = None, out: str | 
                "interval_method": {**METHOD, "method": "percentile bootstrap over queries"},
                "per_class_mAP": {n: float(ap[query_labels == i].mean()) if (query_labels == i).any() else None
                                  for i, n in enumerate(c.classes)},
-               "seconds": seconds,
-               "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds"),
-               "identity": spec, "identity_hash": identity.digest(spec)}
-    make_dir(out)
-    atomic_write(out / "retrieval.json", json.dumps(metrics, indent=2, allow_nan=False).encode())
-    return metrics | {"out": str(out)}
+               "seconds": seconds}
+    return _save(out, metrics, spec)
 
 
 def recall_of_pairs(scores, positive, ks=KS, device: str = "cpu") -> np.ndarray:
@@ -163,8 +159,13 @@ def _image_text(c, out, runs_dir: str, device: str) -> dict:
                                 for i, k in enumerate(KS)}},
                "interval_method": {**METHOD, "method": "percentile bootstrap over queries (texts for image retrieval, "
                                                        "images for text retrieval)"},
-               "seconds": seconds,
-               "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds"),
+               "seconds": seconds}
+    return _save(out, metrics, spec)
+
+
+def _save(out: Path, metrics: dict, spec: dict) -> dict:
+    """retrieval.json in the run folder, with the time and the identity; returns it with the folder."""
+    metrics = {**metrics, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds"),
                "identity": spec, "identity_hash": identity.digest(spec)}
     make_dir(out)
     atomic_write(out / "retrieval.json", json.dumps(metrics, indent=2, allow_nan=False).encode())
