@@ -32,7 +32,7 @@ from probe.errors import ProbeError
 from probe.files import atomic_write, make_dir, save_png
 from probe.fit import fit
 from probe.heads import HEADS
-from probe.stats import CONFIDENCE, RESAMPLES, SEED
+from probe.stats import CONFIDENCE, RESAMPLES, interval_of_mean
 
 DEFAULT_SHOTS = (1, 2, 4, 8, 16, "all")
 
@@ -99,7 +99,7 @@ def curve(caches: list[str | os.PathLike], *, heads: list[str] | tuple = ("logre
                 point = {"shots": k, "images_per_class": k if k != "all" else runs[0]["n_train"] / len(runs[0]["classes"]),
                          "seeds": len(runs), "mean": float(accuracies.mean()),
                          "std": float(accuracies.std(ddof=1)) if len(runs) > 1 else 0.0,
-                         "interval": _interval_of_mean(accuracies) if len(runs) > 1 else
+                         "interval": interval_of_mean(accuracies) if len(runs) > 1 else
                          runs[0].get("intervals", {}).get("test_accuracy"),
                          "accuracies": accuracies.tolist(), "C": [r["hyperparameters"].get("C_chosen") for r in runs],
                          "runs": [r["run"] for r in runs]}
@@ -127,13 +127,6 @@ def curve(caches: list[str | os.PathLike], *, heads: list[str] | tuple = ("logre
     atomic_write(out / "curve.md", table_markdown(result).encode())
     plot(result, out / "curve.png")
     return result
-
-
-def _interval_of_mean(values: np.ndarray) -> list[float]:
-    rng = np.random.default_rng(SEED)
-    means = values[rng.integers(0, len(values), (RESAMPLES, len(values)))].mean(1)
-    tail = 100 * (1 - CONFIDENCE) / 2
-    return [float(v) for v in np.percentile(means, [tail, 100 - tail])]
 
 
 def _label(line: dict, lines: list[dict]) -> str:

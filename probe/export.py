@@ -24,6 +24,8 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import torch
+from torch import nn
 
 from probe.errors import ProbeError
 
@@ -31,13 +33,11 @@ OPSET = 18
 FORMATS = ("onnx", "torchscript")
 
 
-def head_module(pipeline, temperature: float | None):
+def head_module(pipeline, temperature: float | None) -> "HeadModule":
     """The head of a probe pipeline as a torch module: features [N, D] -> probabilities [N, K]."""
-    import torch
     from sklearn.preprocessing import Normalizer, StandardScaler
-    from torch import nn
 
-    from probe.heads import CosineKNN, LogisticProbe, TorchLinear, TorchMLP, ZeroShotHead
+    from probe.heads import CosineKNN, LogisticProbe, TorchLinear, TorchMLP, ZeroShotHead, fold_scaler
 
     steps = [step for _, step in pipeline.steps]
     head, prep = steps[-1], steps[:-1]
@@ -46,70 +46,49 @@ def head_module(pipeline, temperature: float | None):
                          "linear, mlp or zeroshot head")
     l2 = bool(prep) and isinstance(prep[0], Normalizer)
     scaler = next((s for s in prep if isinstance(s, StandardScaler)), None)
-    if isinstance(head, ZeroShotHead):
-        first = nn.Linear(head.weights_.shape[1], head.weights_.shape[0])
-        first.weight.data = torch.tensor(head.logit_scale * head.weights_, dtype=torch.float32)
-        first.bias.data = torch.full((head.weights_.shape[0],), float(head.logit_bias))
-        layers, l2 = [first], True  # the zero-shot head compares unit vectors
+    if isinstance(head, ZeroShotHead):  # it compares unit vectors: scale * cosine + bias
+        layers, l2 = [_linear(head.logit_scale * head.weights_, np.full(len(head.weights_), head.logit_bias))], True
     elif isinstance(head, LogisticProbe):
-        first = nn.Linear(head.coef_.shape[1], head.coef_.shape[0])
-        first.weight.data = torch.tensor(head.coef_, dtype=torch.float32)
-        first.bias.data = torch.tensor(head.intercept_, dtype=torch.float32)
-        layers = [first]
+        layers = [_linear(head.coef_, head.intercept_)]
     elif isinstance(head, (TorchLinear, TorchMLP)):  # dropout is the identity at inference
         modules = [head.module_] if isinstance(head.module_, nn.Linear) else list(head.module_)
-        layers = [_copy_linear(m) if isinstance(m, nn.Linear) else m for m in modules if not isinstance(m, nn.Dropout)]
+        layers = [_linear(m.weight.detach().numpy(), m.bias.detach().numpy()) if isinstance(m, nn.Linear) else m
+                  for m in modules if not isinstance(m, nn.Dropout)]
     else:
         raise ProbeError(f"cannot export a {type(head).__name__} head")
-    if scaler is not None:  # fold (u - mean) / scale into the first layer
-        first = layers[0]
-        with torch.no_grad():
-            scale = torch.tensor(scaler.scale_, dtype=torch.float64)
-            mean = torch.tensor(scaler.mean_, dtype=torch.float64)
-            W = first.weight.double() / scale
-            first.bias.copy_((first.bias.double() - W @ mean).float())
-            first.weight.copy_(W.float())
+    if scaler is not None:  # folded into the first layer
+        layers[0] = _linear(*fold_scaler(layers[0].weight.detach().numpy(), layers[0].bias.detach().numpy(), scaler))
     return HeadModule(nn.Sequential(*layers), l2, temperature)
 
 
-def _copy_linear(m):
-    from torch import nn
-
-    copy = nn.Linear(m.in_features, m.out_features)
-    copy.load_state_dict(m.state_dict())
-    return copy
-
-
-def _module_class():
-    from torch import nn
-
-    class _HeadModule(nn.Module):
-        def __init__(self, layers, l2: bool, temperature: float | None):
-            super().__init__()
-            self.layers, self.l2, self.temperature = layers, l2, float(temperature or 1.0)
-
-        def forward(self, features):
-            import torch
-
-            if self.l2:
-                features = torch.nn.functional.normalize(features, dim=1)
-            probabilities = torch.softmax(self.layers(features), dim=1)
-            if self.temperature == 1.0:
-                return probabilities
-            # As probe.stats.apply_temperature (with which the temperature was fitted): softmax(log p / T),
-            # p floored at 1e-12 (a head's zero probabilities).
-            return torch.softmax(torch.log(probabilities.clamp(min=1e-12)) / self.temperature, dim=1)
-    return _HeadModule
+def _linear(W: np.ndarray, b: np.ndarray) -> nn.Linear:
+    layer = nn.Linear(W.shape[1], W.shape[0])
+    with torch.no_grad():
+        layer.weight.copy_(torch.as_tensor(np.asarray(W, np.float32)))
+        layer.bias.copy_(torch.as_tensor(np.asarray(b, np.float32)))
+    return layer
 
 
-def HeadModule(layers, l2, temperature):  # noqa: N802 (a class made where torch is loaded)
-    return _module_class()(layers, l2, temperature)
+class HeadModule(nn.Module):
+    """Features -> probabilities: the L2 step where the pipeline has one, the layers, the softmax, and the
+    temperature as probe.stats.apply_temperature applies it (with which it was fitted): softmax(log p / T),
+    p floored at 1e-12 (a head's zero probabilities)."""
+
+    def __init__(self, layers: nn.Module, l2: bool, temperature: float | None):
+        super().__init__()
+        self.layers, self.l2, self.temperature = layers, l2, float(temperature or 1.0)
+
+    def forward(self, features):
+        if self.l2:
+            features = torch.nn.functional.normalize(features, dim=1)
+        probabilities = torch.softmax(self.layers(features), dim=1)
+        if self.temperature == 1.0:
+            return probabilities
+        return torch.softmax(torch.log(probabilities.clamp(min=1e-12)) / self.temperature, dim=1)
 
 
 def exported_model(artifact: dict):
     """The whole path, images [N, 3, S, S] in 0..255 -> probabilities, as one torch module (CPU, fp32)."""
-    import torch
-    from torch import nn
 
     from probe.backbones import create_backbone
     from probe.preprocess import Preprocess
@@ -139,10 +118,7 @@ def exported_model(artifact: dict):
 
 def export(run: str | os.PathLike, out: str | os.PathLike, fmt: str = "onnx", trust_pickle: bool = False) -> dict:
     """Write run's head with its backbone to `out` as ONNX or TorchScript; returns the metadata."""
-    import torch
-
     from probe.files import atomic_write
-    from probe.fit import weights_source  # noqa: F401  (the artifact records the weights to rebuild)
     from probe.runs import load_head
 
     from probe.files import make_dir
@@ -180,8 +156,6 @@ def export(run: str | os.PathLike, out: str | os.PathLike, fmt: str = "onnx", tr
 
 
 def _onnx(model, example, path: Path, meta: dict) -> None:
-    import torch
-
     try:
         import onnx
     except ImportError:
@@ -236,8 +210,6 @@ def read_metadata(path: Path) -> dict:
 
             props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
             return json.loads(props["probe"])
-        import torch
-
         extra = {"probe.json": ""}
         with _no_warnings():
             torch.jit.load(str(path), _extra_files=extra)
@@ -250,11 +222,8 @@ def read_metadata(path: Path) -> dict:
 
 def predict_file(model_file: str | os.PathLike, images: list, top_k: int = 5) -> list[dict]:
     """Top-k classes of image files by an exported model file (ONNX through onnxruntime, or TorchScript)."""
-    import torch
-
-    from probe.datasets import read_image
-    from probe.heads import rank_classes
-    from probe.preprocess import Preprocess, resize_center_crop
+    from probe.predict import classify
+    from probe.preprocess import Preprocess
 
     path = Path(model_file)
     if not path.is_file():
@@ -277,28 +246,5 @@ def predict_file(model_file: str | os.PathLike, images: list, top_k: int = 5) ->
         def run(x):
             with torch.inference_mode():
                 return scripted(torch.from_numpy(x)).numpy()
-    from probe.predict import BATCH_SIZE
-
-    results: list[dict] = [{"image": str(image)} for image in images]
-    batch, rows = [], []
-
-    def flush():
-        if batch:
-            probabilities = run(np.ascontiguousarray(torch.cat(batch).numpy(), dtype=np.float32))
-            for row, p, order in zip(rows, probabilities, rank_classes(probabilities)[:, :top_k]):
-                results[row]["top"] = [{"class": meta["classes"][i], "probability": float(p[i])} for i in order]
-            batch.clear()
-            rows.clear()
-
-    for row, image in enumerate(images):
-        try:
-            pixels = torch.from_numpy(read_image(image)).permute(2, 0, 1)[None].float()
-        except ProbeError as e:
-            results[row]["error"] = str(e)
-            continue
-        batch.append(resize_center_crop(pixels, pre))
-        rows.append(row)
-        if len(batch) == BATCH_SIZE:
-            flush()
-    flush()
-    return results
+    return classify(images, pre, lambda pixels: run(np.ascontiguousarray(pixels.numpy(), dtype=np.float32)),
+                    meta["classes"], top_k)

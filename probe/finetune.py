@@ -33,6 +33,7 @@ from probe.errors import ProbeError
 from probe.device import resolve_device
 from probe.files import atomic_write, make_dir
 from probe.heads import rank_classes
+from probe.heads import fold_scaler
 from probe.runs import FitResult, folder_name, load_head, save_run
 from probe import stats
 from probe.selection import (TEST_FRACTION, balanced_rows, class_indices, holdout_description, holdout_rows,
@@ -422,18 +423,17 @@ def _init_from_head(fc: nn.Linear, path: str, classes: list[str]) -> bool:
     l2 = bool(before) and isinstance(before[0], Normalizer)
     scaler = before[-1] if before and hasattr(before[-1], "scale_") else None  # --normalize none or l2: none
     if hasattr(head, "coef_"):
-        W, b = torch.from_numpy(head.coef_), torch.from_numpy(head.intercept_)
+        W, b = head.coef_, head.intercept_
     elif isinstance(head.module_, nn.Linear):
-        W, b = head.module_.weight.detach(), head.module_.bias.detach()
+        W, b = head.module_.weight.detach().numpy(), head.module_.bias.detach().numpy()
     else:
         raise ProbeError(f"head {path} is an MLP; lp-ft can start only from a logreg or linear head")
-    if W.shape != fc.weight.shape:
+    if W.shape != tuple(fc.weight.shape):
         raise ProbeError(f"head {path} has {W.shape[1]}-wide input, the backbone gives {fc.weight.shape[1]}")
-    mean = torch.from_numpy(scaler.mean_).float() if scaler else torch.zeros(W.shape[1])
-    scale = torch.from_numpy(scaler.scale_).float() if scaler else torch.ones(W.shape[1])
-    with torch.no_grad():  # W (x - mean) / scale + b  ==  (W / scale) x + (b - W mean / scale)
-        fc.weight.copy_(W / scale)
-        fc.bias.copy_(b - (W / scale) @ mean)
+    W, b = fold_scaler(W, b, scaler)
+    with torch.no_grad():
+        fc.weight.copy_(torch.from_numpy(W))
+        fc.bias.copy_(torch.from_numpy(b))
     return l2
 
 

@@ -60,6 +60,17 @@ def normalization_steps(kind: str) -> list:
     return ([Normalizer()] if kind.startswith("l2") else []) + ([StandardScaler()] if kind.endswith("standardize") else [])
 
 
+def fold_scaler(W: np.ndarray, b: np.ndarray, scaler) -> tuple[np.ndarray, np.ndarray]:
+    """A linear layer (W, b) after a fitted StandardScaler, as one layer on the scaler's input (float64):
+    W (x - mean) / scale + b == (W / scale) x + (b - (W / scale) mean). lp-ft's start and probe export
+    use it; scaler None gives the layer back."""
+    W, b = np.asarray(W, np.float64), np.asarray(b, np.float64)
+    if scaler is None:
+        return W, b
+    W = W / scaler.scale_
+    return W, b - W @ scaler.mean_
+
+
 def rank_classes(probabilities: np.ndarray) -> np.ndarray:
     """Column indices of each row from most to least probable; ties keep the lower index first.
 

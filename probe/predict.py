@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from probe.backbones import Preprocess, resolve
@@ -49,28 +50,41 @@ def predict(head: str | os.PathLike, images: list[str | os.PathLike], *, top_k: 
     if width != artifact["feature_dim"]:
         raise ProbeError(f"head {head} expects {artifact['feature_dim']}-wide features, but {artifact['model']} "
                          f"gives {width}")
-    pipeline, classes = artifact["pipeline"], artifact["classes"]
+    pipeline = artifact["pipeline"]
+
+    def probabilities(pixels):
+        features = embed(pixels)
+        if layers:  # [final | layers]: the head saw the layers alone
+            features = features[:, embed.feature_dim:]
+        p = pipeline.predict_proba(features.cpu().numpy())
+        if artifact.get("temperature"):  # fitted with --calibrate temperature
+            p = apply_temperature(p, artifact["temperature"])
+        return p
+
+    names = [artifact["classes"][int(c)] for c in pipeline.classes_]  # the probabilities' columns
+    return classify(images, pre, probabilities, names, top_k, embed.device)
+
+
+def classify(images: list, pre: Preprocess, probabilities, names: list[str], top_k: int, device=None) -> list[dict]:
+    """Each image file decoded, resized and center-cropped as `pre` says, in batches of BATCH_SIZE through
+    probabilities(pixels [N, 3, S, S] float 0..255) -> [N, len(names)]; the top_k classes of each, or
+    the error of a file that cannot be read (the others are still classified). probe predict and
+    probe predict --model-file share it."""
     results: list[dict] = [{"image": str(image)} for image in images]
     batch, rows = [], []
 
     def flush():
         if not batch:
             return
-        features = embed(torch.stack(batch))
-        if layers:  # [final | layers]: the head saw the layers alone
-            features = features[:, embed.feature_dim:]
-        probabilities = pipeline.predict_proba(features.cpu().numpy())
-        if artifact.get("temperature"):  # fitted with --calibrate temperature
-            probabilities = apply_temperature(probabilities, artifact["temperature"])
-        for row, p, order in zip(rows, probabilities, rank_classes(probabilities)[:, :top_k]):
-            results[row]["top"] = [{"class": classes[int(pipeline.classes_[i])], "probability": float(p[i])}
-                                   for i in order]
+        p = np.asarray(probabilities(torch.stack(batch)))
+        for row, q, order in zip(rows, p, rank_classes(p)[:, :top_k]):
+            results[row]["top"] = [{"class": names[i], "probability": float(q[i])} for i in order]
         batch.clear()
         rows.clear()
 
     for row, image in enumerate(images):
         try:
-            pixels = torch.from_numpy(read_image(image)).permute(2, 0, 1)[None].float().to(embed.device)
+            pixels = torch.from_numpy(read_image(image)).permute(2, 0, 1)[None].float().to(device or "cpu")
         except ProbeError as e:
             results[row]["error"] = str(e)
             continue

@@ -31,7 +31,7 @@ from probe.cache import open_cache
 from probe.errors import ProbeError
 from probe.files import atomic_write, make_dir
 from probe.runs import folder_name
-from probe.stats import CONFIDENCE, METHOD, RESAMPLES, SEED
+from probe.stats import METHOD, interval_of_mean
 
 REVISION = 1
 KS = (1, 5, 10)
@@ -57,14 +57,6 @@ def ranks_of_relevant(queries: np.ndarray, query_labels: np.ndarray, gallery: np
         n_relevant = relevant.sum(1).clamp(min=1)
         ap.append(((found / positions) * relevant).sum(1).div(n_relevant).cpu())
     return torch.cat(hits).numpy(), torch.cat(ap).numpy()
-
-
-def _interval_of_mean(values: np.ndarray) -> list[float]:
-    """The percentile bootstrap interval of the mean of per-query values, queries resampled."""
-    rng = np.random.default_rng(SEED)
-    means = np.stack([values[rng.integers(0, len(values), len(values))].mean() for _ in range(RESAMPLES)])
-    tail = 100 * (1 - CONFIDENCE) / 2
-    return [float(v) for v in np.percentile(means, [tail, 100 - tail])]
 
 
 def retrieval(cache: str | os.PathLike, *, layer: str | None = None, out: str | os.PathLike | None = None,
@@ -99,8 +91,8 @@ def retrieval(cache: str | os.PathLike, *, layer: str | None = None, out: str | 
                "n_gallery": int(len(gallery)), "queries": "test split", "gallery": "training split",
                "relevance": "same class", "similarity": "cosine",
                **{f"recall@{k}": float(hits[:, i].mean()) for i, k in enumerate(KS)}, "mAP": float(ap.mean()),
-               "intervals": {**{f"recall@{k}": _interval_of_mean(hits[:, i].astype(np.float64))
-                                for i, k in enumerate(KS)}, "mAP": _interval_of_mean(ap)},
+               "intervals": {**{f"recall@{k}": interval_of_mean(hits[:, i])
+                                for i, k in enumerate(KS)}, "mAP": interval_of_mean(ap)},
                "interval_method": {**METHOD, "method": "percentile bootstrap over queries"},
                "per_class_mAP": {n: float(ap[query_labels == i].mean()) if (query_labels == i).any() else None
                                  for i, n in enumerate(c.classes)},
@@ -153,9 +145,9 @@ def _image_text(c, out, runs_dir: str, device: str) -> dict:
                "n_texts": int(len(texts)), "similarity": "cosine",
                **{f"image_retrieval_recall@{k}": float(t2i[:, i].mean()) for i, k in enumerate(KS)},
                **{f"text_retrieval_recall@{k}": float(i2t[:, i].mean()) for i, k in enumerate(KS)},
-               "intervals": {**{f"image_retrieval_recall@{k}": _interval_of_mean(t2i[:, i].astype(np.float64))
+               "intervals": {**{f"image_retrieval_recall@{k}": interval_of_mean(t2i[:, i])
                                 for i, k in enumerate(KS)},
-                             **{f"text_retrieval_recall@{k}": _interval_of_mean(i2t[:, i].astype(np.float64))
+                             **{f"text_retrieval_recall@{k}": interval_of_mean(i2t[:, i])
                                 for i, k in enumerate(KS)}},
                "interval_method": {**METHOD, "method": "percentile bootstrap over queries (texts for image retrieval, "
                                                        "images for text retrieval)"},

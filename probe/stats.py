@@ -38,6 +38,18 @@ def _interval(values: np.ndarray) -> list[float]:
     return [float(lo), float(hi)]
 
 
+def interval_of_mean(values: np.ndarray, seed: int = SEED, resamples: int = RESAMPLES) -> list[float]:
+    """The percentile bootstrap interval of the mean of per-item values (accuracies over seeds, a query's
+    recall or AP), the items resampled with replacement; drawn in blocks of resamples, so the index
+    array stays small for many items."""
+    values = np.asarray(values, np.float64)
+    rng = np.random.default_rng(seed)
+    block = max(1, (1 << 22) // max(1, len(values)))
+    means = np.concatenate([values[rng.integers(0, len(values), (min(block, resamples - a), len(values)))].mean(1)
+                            for a in range(0, resamples, block)])
+    return _interval(means)
+
+
 def intervals(y: np.ndarray, correct: np.ndarray, top5: np.ndarray | None, seed: int = SEED,
               resamples: int = RESAMPLES) -> dict[str, list[float]]:
     """95% intervals of test accuracy, balanced accuracy (the mean recall over the classes a resample

@@ -116,9 +116,9 @@ def cifar_dir(tmp_path) -> Path:
     return root
 
 
-def open_clip_text_folder(folder: Path) -> Path:
-    """A tiny random open_clip model with a text tower open_clip's own tokenizer can feed (its 49,408-token
-    vocabulary), in the folder layout open_clip loads with local-dir:."""
+def open_clip_text_folder(folder: Path, image_size: int = 32, vision_layers: int = 1, vocab_size: int = 49408) -> Path:
+    """A tiny random open_clip model in the folder layout open_clip loads with local-dir: (config + weights);
+    by default with a text tower open_clip's own tokenizer can feed (its 49,408-token vocabulary)."""
     import json
     import logging
 
@@ -126,9 +126,10 @@ def open_clip_text_folder(folder: Path) -> Path:
     import torch
 
     folder.mkdir(parents=True, exist_ok=True)
-    config = {"model_cfg": {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16,
-                                                             "head_width": 16},
-                            "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}},
+    config = {"model_cfg": {"embed_dim": 16, "vision_cfg": {"image_size": image_size, "layers": vision_layers, "width": 32,
+                                                             "patch_size": 16, "head_width": 16},
+                            "text_cfg": {"context_length": 16, "vocab_size": vocab_size, "width": 32, "heads": 2,
+                                         "layers": 1}},
               "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711],
                                  "interpolation": "bicubic", "resize_mode": "shortest"}}
     (folder / "open_clip_config.json").write_text(json.dumps(config))

@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import assert_one_line_error
+from conftest import assert_one_line_error, open_clip_text_folder
 from probe.backbones import create_backbone, resolve
 from probe.cache import open_cache
 from probe.datasets import SAMPLE_DIR
@@ -65,19 +65,7 @@ def hf_models(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def open_clip_folder(tmp_path_factory) -> Path:
     """A tiny open_clip model in the folder layout open_clip loads with local-dir: (config + weights)."""
-    import open_clip
-
-    folder = tmp_path_factory.mktemp("open_clip")
-    config = {"model_cfg": {"embed_dim": 16, "vision_cfg": {"image_size": 64, "layers": 2, "width": 32, "patch_size": 16,
-                                                             "head_width": 16},
-                            "text_cfg": {"context_length": 16, "vocab_size": 100, "width": 32, "heads": 2, "layers": 1}},
-              "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711],
-                                 "interpolation": "bicubic", "resize_mode": "shortest"}}
-    (folder / "open_clip_config.json").write_text(json.dumps(config))
-    torch.manual_seed(0)
-    model = open_clip.create_model(f"local-dir:{folder}", load_weights=False)
-    torch.save(model.state_dict(), folder / "open_clip_pytorch_model.bin")
-    return folder
+    return open_clip_text_folder(tmp_path_factory.mktemp("open_clip"), image_size=64, vision_layers=2, vocab_size=100)
 
 
 def _batch(size: int) -> torch.Tensor:
