@@ -43,12 +43,13 @@ SPLITS = ("train", "test")
 def cache_key(*, dataset: str, fingerprint: str, protocol: str, model: str, family: str, weights: str,
               resolution: int, preprocessing: dict, pool: str, dtype: str, precision: str = "fp32",
               compiled: bool = False, views: int = 0, augment: dict | None = None,
-              layers: list[str] | None = None) -> dict:
+              layers: list[str] | None = None, tokens: dict | None = None) -> dict:
     """The identity of a feature cache (probe.identity): everything that changes the features. The data
     (its content fingerprint and the split protocol), the model (family, full name with its pretrained
     tag), the weights' identity, the resolved preprocessing, the pool, the arithmetic of the forward
     pass (precision, torch.compile) and the storage dtype. Augmented views (with their recipe) and
-    layers enter only when there are some."""
+    layers enter only when there are some, and so do token maps (tokens: their grid side, 0 for the
+    model's own, and storage dtype)."""
     key = {"dataset": dataset, "fingerprint": fingerprint, "protocol": protocol, "model": model, "family": family,
            "weights": weights, "resolution": resolution, "preprocessing": preprocessing, "pool": pool, "dtype": dtype,
            "precision": precision, "compile": compiled, "probe_format": FORMAT}
@@ -56,6 +57,8 @@ def cache_key(*, dataset: str, fingerprint: str, protocol: str, model: str, fami
         key.update(views=views, augment=augment)
     if layers:
         key["layers"] = list(layers)
+    if tokens:
+        key["tokens"] = dict(tokens)
     return key
 
 
@@ -78,6 +81,7 @@ def cache_path(cache_dir: str | os.PathLike, key: dict) -> Path:
     parts += [key["pool"]] if rest and key.get("pool") else []
     parts += [f"{key['views']}x{key['augment']['kind']}"] if key.get("views") else []
     parts += [f"L{len(key['layers'])}"] if key.get("layers") else []
+    parts += [f"tokens{key['tokens']['grid'] or ''}"] if key.get("tokens") else []
     parts.append(key_hash(key))
     return Path(cache_dir) / ("__".join(re.sub(r"[^A-Za-z0-9._-]+", "-", p) for p in parts) + ".h5")
 
@@ -160,28 +164,37 @@ class PartialCache:
                 continue
         return None
 
-    def write(self, split: str, start: int, features: np.ndarray) -> None:
-        atomic_write(self.dir / f"{split}-{start:09d}-{start + len(features):09d}.npy", lambda f: np.save(f, features),
+    def write(self, split: str, start: int, features: np.ndarray, tokens: np.ndarray | None = None) -> None:
+        """A shard of rows start.. of a split; with tokens, their token maps first, in a shard of their own
+        that the features' shard (written last) vouches for."""
+        name = f"{split}-{start:09d}-{start + len(features):09d}"
+        if tokens is not None:
+            atomic_write(self.dir / f"{name}.tokens.npy", lambda f: np.save(f, tokens), size=tokens.nbytes + 128)
+        atomic_write(self.dir / f"{name}.npy", lambda f: np.save(f, features),
                      size=features.nbytes + 128)  # .npy: the array and a header of at most 128 bytes
 
     def finish(self, *, classes: list[str], labels: dict[str, np.ndarray], feature_dim: int, versions: dict,
                weights_path: str = "", layer_dims: dict[str, int] | None = None,
-               all_layers: list[str] | None = None) -> Path:
+               all_layers: list[str] | None = None, token_shape: tuple[int, int, int] | None = None,
+               extra=None) -> Path:
         """Assemble the shards into the final HDF5 file (atomically) and remove them.
 
         weights_path: the absolute path of the weights file the features came from ("" for default or
         none), so a head fitted on the file can find it again; its content is in the key's weights hash.
         all_layers: every block the model offers to --layers, in depth order (where the stored layers
-        stand in the network: `probe depth` places them by it).
+        stand in the network: `probe depth` places them by it). token_shape: (G, G, C) of the token maps
+        (--tokens). extra(h5py file): writes what else belongs in the file (a segmentation set's masks).
         """
         tmp = self.final.with_name(self.final.name + ".tmp")
         # HDF5 cannot survive a write that fails for lack of space (it crashed in testing): check first.
         # The shards stay until the file is in place, so the peak is about twice the cache's size.
-        shard_bytes = sum(p.stat().st_size for split in [*labels, *self.view_splits()] for _, _, p in self.shards(split))
+        shard_bytes = sum(q.stat().st_size for split in [*labels, *self.view_splits()] for _, _, p in self.shards(split)
+                          for q in (p, p.with_suffix(".tokens.npy")) if q.exists())
         check_space(self.final.parent, shard_bytes + sum(8 * len(v) for v in labels.values()) + (1 << 20),
                     f"assembling {self.final.name} (the shards in {self.dir.name} are kept)")
         try:
-            self._assemble(tmp, classes, labels, feature_dim, versions, weights_path, layer_dims or {}, all_layers or [])
+            self._assemble(tmp, classes, labels, feature_dim, versions, weights_path, layer_dims or {}, all_layers or [],
+                           token_shape, extra)
             publish(tmp, self.final)
         except OSError as e:
             raise ProbeError(f"cannot write {self.final}: {e.strerror or str(e).splitlines()[0]}; the shards in "
@@ -199,7 +212,8 @@ class PartialCache:
         """The shard series of the augmented training views, view0, view1, ..."""
         return [f"view{v}" for v in range(self.key.get("views", 0))]
 
-    def _assemble(self, tmp: Path, classes, labels, feature_dim, versions, weights_path, layer_dims, all_layers) -> None:
+    def _assemble(self, tmp: Path, classes, labels, feature_dim, versions, weights_path, layer_dims, all_layers,
+                  token_shape=None, extra=None) -> None:
         """Copy the shards into the HDF5 file one at a time (memory-mapped), so assembling a cache takes
         the memory of a shard, not of the whole cache."""
         with h5py.File(tmp, "w") as f:
@@ -207,18 +221,21 @@ class PartialCache:
                 rows = max(1, min(n, (1 << 20) // (width * np.dtype(dtype).itemsize)))
                 return f.create_dataset(name, shape=(*lead, n, width), dtype=dtype, chunks=(*(1,) * len(lead), rows, width))
 
-            def copy(split, n, write):
+            def copy(split, n, write, kind=""):
                 shards = self.shards(split)
                 if not shards or shards[-1][1] != n:
                     raise ProbeError(f"{split}: the shards in {self.dir} cover {shards[-1][1] if shards else 0} of "
                                      f"{n} rows; run the same command again to finish them")
                 for start, stop, path in shards:
+                    if kind:  # the token maps of the same rows
+                        path = path.with_suffix(f"{kind}.npy")
                     try:
                         shard = np.load(path, mmap_mode="r")
                         if shard.shape[0] != stop - start:
                             raise ValueError(f"{shard.shape[0]} rows")
-                    except (OSError, ValueError):  # a shard cut short: redo from there
-                        path.unlink()
+                    except (OSError, ValueError):  # a shard cut short or missing: redo from there
+                        path.unlink(missing_ok=True)
+                        path.with_name(path.name.replace(kind, "")).unlink(missing_ok=True)
                         raise ProbeError(f"shard {path} was damaged and has been removed; run the same command "
                                          "again to resume") from None
                     write(start, stop, shard)
@@ -240,6 +257,11 @@ class PartialCache:
                     for ds, lo, hi in targets:
                         ds[a:b] = x[:, lo:hi]
                 copy(split, n, write)
+                if token_shape:  # [N, G * G * C], one image a chunk: one read gives its whole map
+                    width = int(np.prod(token_shape))
+                    tokens = f.create_dataset(f"{split}/tokens", shape=(n, width), chunks=(1, width),
+                                              dtype=np.dtype(self.key["tokens"]["dtype"]))
+                    copy(split, n, lambda a, b, x, tokens=tokens: tokens.__setitem__(slice(a, b), x), ".tokens")
                 f.create_dataset(f"{split}/labels", data=split_labels.astype(np.int64), chunks=(min(n, 1 << 16),))
             key = self.key
             f.attrs.update({
@@ -252,8 +274,11 @@ class PartialCache:
                 "views": key.get("views", 0), "augment": (key.get("augment") or {}).get("kind", ""),
                 "layers": json.dumps(list(layer_dims)), "layer_dims": json.dumps(layer_dims),
                 "all_layers": json.dumps(list(all_layers)), "protocol": key["protocol"],
+                "token_shape": json.dumps(list(token_shape or [])),
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             })
+            if extra is not None:
+                extra(f)
             f.attrs["complete"] = True  # last, after everything else is in the file
 
 
@@ -311,10 +336,20 @@ class FeatureCache:
             raise ProbeError(f"{self.path.name} holds no layer {layer!r}: choose last4 or one of {', '.join(self.layers)}")
         return [layer]
 
+    @property
+    def token_shape(self) -> tuple[int, int, int] | None:
+        """(G, G, C) of the token maps the file holds (probe extract --tokens), or None."""
+        return tuple(json.loads(self.attrs.get("token_shape", "[]"))) or None
+
     def columns(self, split: str, layer: str | None = None) -> list[str]:
-        """The HDF5 datasets of a split's features, side by side: the final feature, or a layer (group)."""
+        """The HDF5 datasets of a split's features, side by side: the final feature, a layer (group), or
+        with layer "tokens" the token maps, one flattened [G * G * C] row per image."""
         if split not in self.splits:
             raise ProbeError(f"cache {self.path} has no {split} split (its data set had no {split}/ folder)")
+        if layer == "tokens":
+            if not self.token_shape:
+                raise ProbeError(f"{self.path.name} holds no token maps: extract with probe extract --tokens ...")
+            return [f"{split}/tokens"]
         return [f"{split}/layers/{n}" for n in self.layer_group(layer)] if layer else [f"{split}/features"]
 
     def labels(self, split: str) -> np.ndarray:
@@ -331,13 +366,10 @@ class FeatureCache:
         """(features, labels) of a split; layer: a layer's pooled features instead (or last4)."""
         if split not in self.splits:
             raise ProbeError(f"cache {self.path} has no {split} split (its data set had no {split}/ folder)")
-        names = self.layer_group(layer) if layer else []
+        columns = self.columns(split, layer)
         try:
             with h5py.File(self.path, "r") as f:
-                if names:
-                    X = np.concatenate([f[f"{split}/layers/{n}"][...] for n in names], 1)
-                    return X, f[f"{split}/labels"][...]
-                return f[f"{split}/features"][...], f[f"{split}/labels"][...]
+                return np.concatenate([f[c][...] for c in columns], 1), f[f"{split}/labels"][...]
         except OSError as e:
             raise ProbeError(f"cache {self.path} is corrupt ({e}); delete it and run probe extract again") from None
 
@@ -374,6 +406,11 @@ def open_cache(path: str | os.PathLike, expect: dict | None = None) -> FeatureCa
                     if f[f"{s}/layers/{name}"].shape != (f[f"{s}/labels"].shape[0], width):
                         raise ProbeError(f"cache {path}: {s}/layers/{name} is {f[f'{s}/layers/{name}'].shape}, not "
                                          f"{width} wide for every image; {fix}")
+            shape = json.loads(attrs.get("token_shape", "[]"))
+            for s in splits if shape else []:
+                if f[f"{s}/tokens"].shape != (f[f"{s}/labels"].shape[0], int(np.prod(shape))):
+                    raise ProbeError(f"cache {path}: {s}/tokens is {f[f'{s}/tokens'].shape}, not a {shape} token map "
+                                     f"for every image; {fix}")
             views = int(attrs.get("views", 0))
             if views and f["train/views"].shape != (views, *f["train/features"].shape):
                 raise ProbeError(f"cache {path}: train/views {f['train/views'].shape} does not hold {views} views "

@@ -25,9 +25,10 @@ def _kwargs(**options) -> dict:
     return {k: v for k, v in options.items() if v is not None and v != ()}
 
 
-DATA_OPTIONS = ("image_column", "label_column", "test_shards", "class_names")
+DATA_OPTIONS = ("image_column", "label_column", "test_shards", "class_names", "ignore_index")
 DATASET_HELP = ("cifar10, cifar100, stl10, svhn, flowers102, dtd, oxford_pets, food101, fgvc_aircraft, eurosat, "
                 "gtsrb, caltech101, sun397 (probe datasets), sample (bundled, offline), folder:PATH, "
+                "segmentation sets ade20k, voc2012_seg, cityscapes or folder-seg:PATH (extract with --tokens), "
                 "hf:NAME-OR-FOLDER[@CONFIG], wds:PATTERN (WebDataset tar shards) or captions:FILE (a Flickr or COCO "
                 "caption set, for probe retrieval). [default: cifar10]")
 
@@ -42,6 +43,7 @@ def _data_source_options(fn):
                                            "with train -> test or val, where those exist]"),
         click.option("--class-names", help="wds: a JSON list of class names. [default: classes.json beside the "
                                            "shards, else the label numbers]"),
+        click.option("--ignore-index", type=int, help="folder-seg: the mask value of unlabelled pixels. [default: 255]"),
     ]):
         fn = decorator(fn)
     return fn
@@ -182,6 +184,13 @@ def datasets(data_dir):
                                 "(RandomCrop pad 4 + flip) or flip. [default: rrc]")
 @click.option("--layers", help="Also store a pooled feature of these blocks, in the same pass: all, last4, or "
                                "NAME,NAME (probe layers --model M lists them).")
+@click.option("--tokens", is_flag=True, default=None,
+              help="Also store the final token map of every image (a ViT's patch tokens, a CNN's last feature map), "
+                   "for --head attentive and seg-linear. The size is printed and checked against free disk first.")
+@click.option("--token-grid", type=int, help="With --tokens: average-pool the token grid to G x G to bound the size. "
+                                            "[default: the model's own grid]")
+@click.option("--token-dtype", type=click.Choice(["float16", "float32"]), help="With --tokens: their storage. "
+                                                                                  "[default: float16]")
 @click.pass_obj
 @_errors_to_exit_codes
 def extract(obj, **options):
@@ -207,8 +216,10 @@ def extract(obj, **options):
 
 
 @main.command()
-@click.option("--head", help="logreg, linear, mlp, knn, or zeroshot (an image-text model's cache extracted with --pool "
-                             "proj: its text tower's class embeddings, no training). [default: logreg]")
+@click.option("--head", help="logreg, linear, mlp, knn, zeroshot (an image-text model's cache extracted with --pool "
+                             "proj: its text tower's class embeddings, no training), attentive (on a cache extracted "
+                             "with --tokens: a learned query over each image's tokens) or seg-linear (a segmentation "
+                             "set's token cache: per-token linear head, mIoU). [default: logreg]")
 @click.option("--features", help="A cache file to use instead of resolving one from the options below.")
 @_cache_options
 @click.option("--out", help="Run folder for the head (head.json, head.npz), metrics.json and predictions.h5. [default: runs/<cache>__<head>__<identity>]")
@@ -279,6 +290,13 @@ def _print_metrics(out, m, as_json):
     extra = f", C={hp['C_chosen']:.3g} ({hp['C_from']})" if "C_chosen" in hp else ""
     from probe.compare import with_interval
 
+    if m.get("task") == "segmentation":
+        click.echo(f"{m['method']} on {m['model']}: mIoU {with_interval(m, 'mean_iou')}, pixel accuracy "
+                   f"{with_interval(m, 'pixel_accuracy')} ({m['n_train']} train, {m['n_test']} test images, "
+                   f"{m['wall_seconds']:.1f} s)")
+        click.echo(f"saved {out}")
+        return
+
     scores = "".join(f", {label} {with_interval(m, key)}" for key, label in (("balanced_accuracy", "balanced"),
                                                                             ("top5_accuracy", "top-5"))
                      if m.get(key) is not None)
@@ -308,15 +326,33 @@ def _print_metrics(out, m, as_json):
 @click.option("--device", help="auto, cpu or cuda. [default: auto]")
 @click.option("--trust-pickle", is_flag=True, help="Open a head.joblib of probe 0.4 or older: a pickle, which runs any "
                                                   "code it holds, so only one you made yourself.")
+@click.option("--masks", "masks_dir", type=click.Path(), help="A seg-linear head: write each image's colored mask "
+                                                               "PNG (class index = palette index) to this folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @_errors_to_exit_codes
-def predict(head, model_file, images, top_k, device, trust_pickle, as_json):
+def predict(head, model_file, images, top_k, device, trust_pickle, masks_dir, as_json):
     """Classify image files with a saved head, or with a model file of probe export. Heads are data
     (head.json, head.npz), never code: opening one someone sent runs nothing."""
     from probe.errors import ProbeError
 
     if (head is None) == (model_file is None):
         raise ProbeError("give --head RUN (a probe fit run folder) or --model-file FILE (of probe export), one of them")
+    if masks_dir is not None:
+        from probe.predict import predict_masks
+
+        if head is None:
+            raise ProbeError("--masks needs --head RUN (a probe fit --head seg-linear run folder)")
+
+        results = predict_masks(head, list(images), masks_dir, **_kwargs(device=device), trust_pickle=trust_pickle)
+        for r in results if not as_json else []:
+            if "error" in r:
+                click.echo(f"error: {r['error']}", err=True)
+            else:
+                top = sorted(r["classes"].items(), key=lambda kv: -kv[1])[:3]
+                click.echo(f"{r['image']}: wrote {r['mask']} (" + ", ".join(f"{c} {a:.0%}" for c, a in top) + ")")
+        if as_json:
+            click.echo(json.dumps(results, indent=2))
+        sys.exit(2 if any("error" in r for r in results) else 0)
     if model_file is not None:
         from probe.export import predict_file
 

@@ -71,6 +71,8 @@ def curve(caches: list[str | os.PathLike], *, heads: list[str] | tuple = ("logre
     opened = []
     for c in caches:  # every input checked before any work; a cache given twice is one line
         cache = open_cache(c)
+        if cache.attrs.get("task") == "segmentation":
+            raise ProbeError(f"{cache.path.name} is a segmentation set's cache: probe curve is for classification")
         if all(o.path.resolve() != cache.path.resolve() for o in opened):
             opened.append(cache)
     numeric = [k for k in shots if k != "all"]

@@ -95,6 +95,9 @@ def exported_model(artifact: dict):
 
     if artifact.get("layers"):
         raise ProbeError("a head fitted on --layer features cannot be exported yet: export a head of the final feature")
+    if artifact.get("tokens"):
+        raise ProbeError("a head on token maps (attentive, seg-linear) cannot be exported yet: export a head of the "
+                         "pooled feature")
     if artifact.get("precision", "fp32") != "fp32":
         raise ProbeError(f"this head's features were computed in {artifact['precision']}; the exported file computes in "
                          "fp32 and would not give probe predict's probabilities: fit the head on a cache extracted "

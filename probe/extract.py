@@ -6,6 +6,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from functools import partial
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -14,15 +15,17 @@ import numpy as np
 from filelock import Timeout
 from tqdm.auto import tqdm
 
-from probe.backbones import Preprocess, create_backbone, inner, layer_names, pool_block, select_layers
+from probe.backbones import (Preprocess, capture_tokens, create_backbone, inner, layer_names, pool_block, select_layers,
+                             token_grid)
 from probe.cache import PartialCache, open_cache
 from probe.augment import augment
 from probe.keys import identity_of, resolve_cache, resolve_precision  # noqa: F401  (identity_of: the stage's)
 from probe import distributed
-from probe.device import device_type, is_out_of_memory, out_of_memory_error
+from probe.datasets.segmentation import write_masks
+from probe.device import device_type, format_bytes, is_out_of_memory, out_of_memory_error
 from probe.errors import ProbeError
 from probe.files import lock as file_lock
-from probe.files import make_dir
+from probe.files import check_space, make_dir
 
 if TYPE_CHECKING:  # torch is imported where the backbone runs: a cache hit never loads it
     import torch
@@ -30,6 +33,7 @@ if TYPE_CHECKING:  # torch is imported where the backbone runs: a cache hit neve
 log = logging.getLogger("probe")
 # How much work a kill can lose at most (plus one batch); the environment variable is for tests.
 SHARD_SECONDS = float(os.environ.get("PROBE_SHARD_SECONDS", 20.0))
+SHARD_BYTES = 1 << 30  # and at most this much of token maps held before a shard is written
 
 
 @dataclass
@@ -51,7 +55,8 @@ def extract(*, model: str = "resnet18", dataset: str = "cifar10", weights: str =
             device: str = "auto", batch_size: int | None = None, dtype: str = "float32",
             num_workers: int | None = None, force: bool = False, views: int = 0, augment: str = "rrc",
             pool: str | None = None, layers: str | None = None, data_options: dict | None = None,
-            precision: str = "auto", compile: bool = False, progress: bool = True) -> ExtractResult:
+            precision: str = "auto", compile: bool = False, tokens: bool = False, token_grid: int | None = None,
+            token_dtype: str = "float16", progress: bool = True) -> ExtractResult:
     """Run backbone `model` over both splits of `dataset` and write the features to the cache.
 
     model: a short name, timm:NAME, hf:REPO-OR-FOLDER or open_clip:ARCH/TAG; its own preprocessing
@@ -63,7 +68,10 @@ def extract(*, model: str = "resnet18", dataset: str = "cifar10", weights: str =
     with the same key is reused (no backbone pass) unless `force`. An interrupted run resumes from its
     last whole shard. data_options: image_column and label_column of an hf: data set. precision: the
     forward pass in fp32, or under bf16 or fp16 autocast (auto: fp16 on CUDA, fp32 on the CPU);
-    compile: through torch.compile. Both are in the key. Returns where the file is and what it cost.
+    compile: through torch.compile. Both are in the key. tokens: also store the final token map of every
+    image of both splits ([N, G * G * C], token_dtype, one image a chunk; token_grid: average-pooled to
+    G x G); the size is printed and checked against free disk before the pass. Returns where the file
+    is and what it cost.
     """
     if batch_size is not None and batch_size < 1:
         raise ProbeError(f"batch size must be positive, not {batch_size}")
@@ -72,7 +80,8 @@ def extract(*, model: str = "resnet18", dataset: str = "cifar10", weights: str =
     data, key, path = resolve_cache(model=model, dataset=dataset, weights=weights, resolution=resolution,
                                     dtype=dtype, data_dir=data_dir, cache_dir=cache_dir, views=views, augment=augment,
                                     pool=pool, layers=layers, data_options=data_options, precision=precision,
-                                    compile=compile, device=device)
+                                    compile=compile, device=device, tokens=tokens, token_grid=token_grid,
+                                    token_dtype=token_dtype)
     if dataset.startswith("captions:"):  # for image-text retrieval only: the text tower's space, whole images
         from probe.zeroshot import check_joint
 
@@ -127,16 +136,34 @@ class Embedder:
 
     layers ("all", "last4", or names): forward hooks also pool those blocks' outputs, on the device,
     in the same pass; the output is then [final | layer 1 | layer 2 | ...], `layer_dims` wide each.
+
+    tokens (a grid side, 0 for the model's own): each pass also keeps the final token map, average-pooled
+    to tokens x tokens where it is finer, in `last_tokens` as [N, G * G * C] (row-major grid, channels
+    last: one image's tokens are one row); `token_shape` is (G, G, C).
     """
 
     def __init__(self, model: str, weights: str, pre: Preprocess, pool: str | None, device: torch.device,
-                 layers: str | list[str] | None = None, precision: str = "fp32", compiled: bool = False):
+                 layers: str | list[str] | None = None, precision: str = "fp32", compiled: bool = False,
+                 tokens: int | None = None):
         import torch
 
         self.pre, self.device = pre, device
         self.precision = resolve_precision(precision, device)
         self.net = create_backbone(model, weights, pre, pool).to(device).to(memory_format=torch.channels_last)
         self.feature_dim = self.net.feature_dim
+        self.tokens, self.token_shape, self.last_tokens = tokens, None, None
+        if tokens is not None:
+            if compiled:
+                raise ProbeError("--tokens with --compile is not supported: drop --compile")
+            capture_tokens(self.net, model)
+            with torch.inference_mode():  # the grid and width from one small pass
+                self.net(torch.zeros(1, 3, pre.size, pre.size, device=device).contiguous(memory_format=torch.channels_last))
+            grid = token_grid(self.net.tokens, self.net.token_prefix)
+            side = grid.shape[-1] if not tokens else tokens
+            if side > grid.shape[-1] or grid.shape[-1] != grid.shape[-2]:
+                raise ProbeError(f"--token-grid {tokens}: {model} at {pre.size} px gives a {grid.shape[-2]}x"
+                                 f"{grid.shape[-1]} token grid; give at most {grid.shape[-1]}")
+            self.token_shape = (side, side, grid.shape[1])
         self.layers, self.layer_dims, self._pooled = [], {}, {}
         self.all_layers = []
         if layers:
@@ -171,7 +198,13 @@ class Embedder:
         try:
             if piece == len(images):  # the usual case: one pass, no concatenation
                 return self(images)
-            return torch.cat([self(images[i:i + piece]) for i in range(0, len(images), piece)])
+            features, tokens = [], []
+            for i in range(0, len(images), piece):
+                features.append(self(images[i:i + piece]))
+                tokens.append(self.last_tokens)
+            if self.tokens is not None:
+                self.last_tokens = torch.cat(tokens)
+            return torch.cat(features)
         except Exception as e:
             if not is_out_of_memory(e) or piece == 1:
                 raise
@@ -201,6 +234,11 @@ class Embedder:
             features = self.forward(x).float()[:n]
         if self.layers:
             features = torch.cat([features, *(self._pooled.pop(name)[:n] for name in self.layers)], 1)
+        if self.tokens is not None:
+            grid = token_grid(self.net.tokens, self.net.token_prefix)[:n].float()
+            if grid.shape[-1] != self.token_shape[0]:  # --token-grid: the mean of each cell's tokens
+                grid = torch.nn.functional.adaptive_avg_pool2d(grid, self.token_shape[0])
+            self.last_tokens = grid.permute(0, 2, 3, 1).reshape(n, -1)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t
@@ -237,9 +275,12 @@ def _run(data, key, path, weights, kind, batch_size, num_workers, resume, progre
     w = distributed.current()
     dev = torch.device("cuda", w.local_rank) if kind == "cuda" else torch.device("cpu")
     pre = Preprocess.from_dict(key["preprocessing"], key["resolution"])
+    tokens = key.get("tokens")
     embed = Embedder(key["model"], weights, pre, key["pool"], dev, layers=key.get("layers"), precision=key["precision"],
-                     compiled=key["compile"])
+                     compiled=key["compile"], tokens=tokens["grid"] if tokens else None)
     store = np.float16 if key["dtype"] == "float16" else np.float32
+    if tokens and w.main:
+        _check_token_space(path, embed.token_shape, np.dtype(tokens["dtype"]), sum(map(len, data.splits.values())))
     parts = PartialCache(path, key)
     if w.main:
         parts.start(resume=resume)
@@ -279,18 +320,22 @@ def _run(data, key, path, weights, kind, batch_size, num_workers, resume, progre
                 shifted = None if transform is None else (lambda images, row, t=transform, lo=lo: t(images, row + lo))
                 for gap_start, gap_stop in work[name]:
                     row = gap_start
-                    pending, shard_start, last_flush = [], row, time.perf_counter()
+                    pending, pending_tokens, shard_start, last_flush = [], [], row, time.perf_counter()
                     for images in iter_batches(mine, pre, batch_size, dev, start=row - lo, stop=gap_stop - lo,
                                                num_workers=num_workers, transform=shifted):
                         features = embed.in_pieces(images)
                         if transform is not None:  # augmented views keep the final feature only
                             features = features[:, :embed.feature_dim]
                         pending.append(features.cpu().numpy().astype(store, copy=False))
+                        if tokens and transform is None:
+                            pending_tokens.append(embed.last_tokens.cpu().numpy().astype(tokens["dtype"]))
                         row += len(images)
                         result.images += len(images)
-                        if time.perf_counter() - last_flush > SHARD_SECONDS or row == gap_stop:
-                            parts.write(name, shard_start, np.concatenate(pending))
-                            pending, shard_start, last_flush = [], row, time.perf_counter()
+                        if time.perf_counter() - last_flush > SHARD_SECONDS or row == gap_stop or \
+                                sum(t.nbytes for t in pending_tokens) > SHARD_BYTES:
+                            parts.write(name, shard_start, np.concatenate(pending),
+                                        np.concatenate(pending_tokens) if pending_tokens else None)
+                            pending, pending_tokens, shard_start, last_flush = [], [], row, time.perf_counter()
                         bar.update(len(images))
                         if w.size > 1 and time.perf_counter() - last_count > 2:
                             last_count = time.perf_counter()
@@ -324,7 +369,8 @@ def _run(data, key, path, weights, kind, batch_size, num_workers, resume, progre
         try:
             parts.finish(classes=data.classes, labels={s: sp.labels for s, sp in data.splits.items()},
                          feature_dim=embed.feature_dim, versions=_versions(),
-                         layer_dims=embed.layer_dims, all_layers=embed.all_layers,
+                         layer_dims=embed.layer_dims, all_layers=embed.all_layers, token_shape=embed.token_shape,
+                         extra=None if data.masks is None else partial(write_masks, data, embed.token_shape),
                          weights_path="" if weights in ("default", "none") else str(Path(weights).resolve()))
         except ProbeError as e:
             published = e
@@ -335,6 +381,16 @@ def _run(data, key, path, weights, kind, batch_size, num_workers, resume, progre
         counts = distributed.all_gather((result.images, result.seconds))
         result.images, result.seconds = sum(c for c, _ in counts), max(t for _, t in counts)
     return result
+
+
+def _check_token_space(path: Path, shape: tuple[int, int, int], dtype: np.dtype, images: int) -> None:
+    """Say what the token maps will take, and refuse before the pass if the disk cannot hold them (the
+    shards and, while the file is assembled, the file beside them: about twice the cache)."""
+    per_image = int(np.prod(shape)) * dtype.itemsize
+    log.info(f"token maps: {shape[0]}x{shape[1]}x{shape[2]} {dtype.name} per image, {format_bytes(per_image)} each, "
+             f"{format_bytes(per_image * images)} for {images} images")
+    check_space(path.parent, 2 * per_image * images, f"--tokens ({format_bytes(per_image * images)} of token maps, "
+                "twice that while the file is assembled); give --token-grid G or --cache-dir on a larger disk")
 
 
 class _OtherRankFailed(ProbeError):

@@ -219,6 +219,9 @@ def prepare(*, strategy: str = "partial", model: str = "resnet18", dataset: str 
     if source.captions is not None:
         raise ProbeError(f"{dataset} is a caption set (each image its own class): it is for probe retrieval, not for "
                          "fine-tuning")
+    if source.masks is not None:
+        raise ProbeError(f"{dataset} is a segmentation set: probe finetune trains classifiers; probe it with "
+                         "probe extract --tokens and probe fit --head seg-linear")
     kept = [source.classes[c] for c in class_indices(source.classes, classes)]
     unfreeze = tuple(unfreeze or ())
     config = {"strategy": strategy, "model": model, "dataset": dataset, "weights": weights, "resolution": pre.size,

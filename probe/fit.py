@@ -25,8 +25,8 @@ from probe.device import format_bytes, resident_bytes
 from probe.errors import ProbeError
 from probe.keys import resolve_cache
 from probe import stats
-from probe.heads import (DEFAULT_NORMALIZE, VAL_FRACTION, VALIDATIONS, make_head, normalization_steps, rank_classes,
-                         validation_split)
+from probe.heads import (DEFAULT_NORMALIZE, TOKEN_HEADS, VAL_FRACTION, VALIDATIONS, make_head, normalization_steps,
+                         rank_classes, validation_split)
 from probe.rows import Part, Rows, parse_bytes
 from probe.runs import HEAD_FORMAT, FitResult, folder_name, save_run  # noqa: F401  (FitResult: re-exported)
 from probe.runs import finished as finished_run
@@ -42,10 +42,12 @@ def find_cache(*, features: str | None = None, model: str | None = None, dataset
                weights: str = "default", resolution: int | None = None, dtype: str = "float32",
                data_dir: str = "data", cache_dir: str = "cache", pool: str | None = None,
                layer: str | None = None, views: int | None = None, augment: str = "rrc", precision: str = "auto",
-               compile: bool = False, device: str = "auto", data_options: dict | None = None) -> FeatureCache:
+               compile: bool = False, device: str = "auto", data_options: dict | None = None,
+               tokens: bool = False) -> FeatureCache:
     """The cache named by `features`, or the one `probe extract` with the same options writes, its stored
     key equal to theirs in every field (with `layer`: one extracted with --layers that holds it; with
-    `views` N: the one extracted with --views N --augment `augment`)."""
+    `views` N: the one extracted with --views N --augment `augment`; with `tokens`: one extracted with
+    --tokens, of any --token-grid, the finest first)."""
     if features is not None:
         cache = open_cache(features)
         if model is not None and cache.key["model"] != model and cache.key["model"] != resolve(model).name:
@@ -56,7 +58,17 @@ def find_cache(*, features: str | None = None, model: str | None = None, dataset
     _, key, path = resolve_cache(model=model, dataset=dataset, weights=weights, resolution=resolution, dtype=dtype,
                                  data_dir=data_dir, cache_dir=cache_dir, download=False, pool=pool, views=views or 0,
                                  augment=augment, precision=precision, compile=compile, device=device,
-                                 data_options=data_options)
+                                 data_options=data_options, tokens=tokens)
+    if tokens or (layer is None and not path.exists()):  # the same key with token maps of any grid, the finest first
+        stem = path.stem.rsplit("__", 2 if tokens else 1)[0]
+        found = [open_cache(c) for c in sorted(Path(cache_dir).glob(f"{stem}__tokens*.h5"))]  # unreadable: said
+        found = [c for c in found if identity.same({k: v for k, v in c.key.items() if k != "tokens"},
+                                                   {k: v for k, v in key.items() if k != "tokens"})]
+        if found:  # its pooled features are those of the same options without --tokens
+            return max(found, key=lambda c: c.token_shape[0])
+        if tokens:
+            raise ProbeError(f"no cache of these options holds token maps; run: probe extract --model {model} "
+                             f"--dataset {dataset} --tokens (and the same other options)")
     if layer is not None:  # the same key plus a set of layers that holds this one (for last4: the most layers)
         # A cache of these options that cannot be read is named as such, not passed over as missing.
         caches = [open_cache(c) for c in sorted(Path(cache_dir).glob(f"{path.stem.rsplit('__', 1)[0]}__L*.h5"))]
@@ -108,12 +120,34 @@ def fit(*, reuse: bool = False, **options) -> FitResult:
     Options are prepare()'s. reuse: when the run folder already holds a finished fit of the same
     identity, read it back instead of fitting again (probe depth and probe suite do).
     """
+    if options.get("head") == "seg-linear":
+        return _fit_segmentation(reuse=reuse, **options)
     prepared = prepare(**options)
     if reuse:
         metrics = finished_run(prepared.out, prepared.identity)
         if metrics is not None:
             return FitResult(prepared.out, metrics, reused=True)
     return run(prepared)
+
+
+SEGMENTATION_OPTIONS = ("features", "model", "dataset", "weights", "resolution", "dtype", "data_dir", "cache_dir", "out",
+                        "seed", "epochs", "device", "runs_dir", "pool", "precision", "data_options", "head")
+
+
+def _fit_segmentation(*, reuse: bool = False, identity_only: bool = False, head: str = "seg-linear", **options):
+    """--head seg-linear (probe.segment): on a segmentation set's token cache, found as any fit finds its cache."""
+    from probe import segment
+
+    given = [k for k, v in options.items() if v is not None and k not in SEGMENTATION_OPTIONS]
+    if given:
+        raise ProbeError(f"--{given[0].replace('_', '-')} is not an option of --head seg-linear")
+    find = {k: options[k] for k in ("features", "model", "dataset", "weights", "resolution", "dtype", "data_dir",
+                                    "cache_dir", "pool", "precision", "device", "data_options") if k in options}
+    cache = find_cache(**find, tokens=True)
+    return segment.fit(cache, seed=options.get("seed", 0), epochs=options.get("epochs"),
+                       device=options.get("device", "auto"), out=options.get("out"),
+                       runs_dir=options.get("runs_dir", "runs"), weights=options.get("weights", "default"), reuse=reuse,
+                       identity_only=identity_only)
 
 
 def prepare(*, head: str = "logreg", features: str | None = None, model: str | None = None, dataset: str = "cifar10",
@@ -154,10 +188,18 @@ def prepare(*, head: str = "logreg", features: str | None = None, model: str | N
         budget = (budget - held) * 3 // 4
     if (head == "zeroshot" or init) and features is None and pool is None and model is not None:
         pool = resolve(model).joint_pool  # the image embedding in the text space (None: refused below)
+    tokens = head in TOKEN_HEADS  # on the token maps of a cache extracted with --tokens
+    if tokens and layer is not None:
+        raise ProbeError(f"--head {head} reads the final token maps (probe extract --tokens); --layer is for pooled features")
     cache = find_cache(features=features, model=model, dataset=dataset, weights=weights, resolution=resolution,
                        dtype=dtype, data_dir=data_dir, cache_dir=cache_dir, pool=pool, layer=layer, views=views,
                        augment=augment or "rrc", precision=precision, compile=compile, device=device,
-                       data_options=data_options)
+                       data_options=data_options, tokens=tokens)
+    if cache.attrs.get("task") == "segmentation":
+        raise ProbeError(f"{cache.path.name} is a segmentation set's cache: fit it with --head seg-linear")
+    if tokens:
+        cache.columns("train", "tokens")  # one line where the file holds no token maps
+        layer = "tokens"
     p = plan(cache, classes=classes, train_per_class=train_per_class, seed=seed, test_fraction=test_fraction)
     if calibrate not in (None, "temperature"):
         raise ProbeError(f"unknown --calibrate {calibrate!r}: choose temperature")
@@ -193,7 +235,9 @@ def prepare(*, head: str = "logreg", features: str | None = None, model: str | N
         raise ProbeError("--temperature and several --k are for --head knn")
     if normalize is not None and head in ("knn", "zeroshot"):
         raise ProbeError(f"--normalize is for logreg, linear and mlp; {head} compares L2-normalized features (cosine)")
-    normalize = None if head in ("knn", "zeroshot") else (normalize or DEFAULT_NORMALIZE)
+    if normalize not in (None, "none") and tokens:
+        raise ProbeError(f"--normalize is for logreg, linear and mlp; {head} layer-norms each token itself")
+    normalize = None if head in ("knn", "zeroshot") else "none" if tokens else (normalize or DEFAULT_NORMALIZE)
     if normalize is not None:
         normalization_steps(normalize)  # an unknown choice: one line, before anything is read
     if class_weight is not None and head in ("knn", "zeroshot"):
@@ -204,7 +248,9 @@ def prepare(*, head: str = "logreg", features: str | None = None, model: str | N
                          **({"validation": validation} if validation else {})},
               "knn": {"k": k, "temperature": temperature, "random_state": seed, "device": device},
               "linear": {"epochs": epochs, "random_state": seed, "device": device, "class_weight": class_weight},
-              "mlp": {"epochs": epochs, "random_state": seed, "device": device, "class_weight": class_weight}
+              "mlp": {"epochs": epochs, "random_state": seed, "device": device, "class_weight": class_weight},
+              "attentive": {"epochs": epochs, "random_state": seed, "device": device, "class_weight": class_weight,
+                            "n_tokens": cache.token_shape[0] * cache.token_shape[1] if tokens else 1},
               }.get(head, {})
     if head == "knn":  # a --k given (the default k on fewer rows: the head takes all rows but one)
         smallest = min(k) if isinstance(k, tuple) else k
@@ -212,9 +258,9 @@ def prepare(*, head: str = "logreg", features: str | None = None, model: str | N
             raise ProbeError(f"--k {smallest}, but there are only {len(train)} training rows: with k at least the "
                              "training set every vote is the class shares, at chance; give a smaller --k")
     for option, value, heads_of in (("--C", C, ("logreg",)), ("--validation", validation, ("logreg",)), ("--k", k, ("knn",)),
-                                    ("--epochs", epochs, ("linear", "mlp")), ("--class-text", class_text, ("zeroshot",)),
-                                    ("--templates", templates, ("zeroshot",)),
-                                    ("--train-per-class", train_per_class, ("logreg", "linear", "mlp", "knn"))):
+                                    ("--epochs", epochs, ("linear", "mlp", "attentive")),
+                                    ("--class-text", class_text, ("zeroshot",)), ("--templates", templates, ("zeroshot",)),
+                                    ("--train-per-class", train_per_class, ("logreg", "linear", "mlp", "knn", "attentive"))):
         if option in ("--class-text", "--templates") and value is not None and init == "zeroshot":
             continue  # the text of --init zeroshot's prior
         if value is not None and head not in heads_of:
@@ -254,7 +300,7 @@ def prepare(*, head: str = "logreg", features: str | None = None, model: str | N
         "test_fraction": None if p.test_source == "test" else (test_fraction or TEST_FRACTION),
         "views": int(n_views), "layer": layer, "streamed": bool(streamed),
         # A streamed linear or mlp head draws its minibatches from a shuffle buffer the budget sizes.
-        "max_memory": parse_bytes(max_memory) if streamed and head in ("linear", "mlp") else None,
+        "max_memory": parse_bytes(max_memory) if streamed and head in ("linear", "mlp", "attentive") else None,
         "calibrate": calibrate, "normalize": normalize,
     }
     spec = identity.normalized(spec)
@@ -286,6 +332,8 @@ def _ks(k: int | str | None):
 
 def identity_of(**options) -> dict:
     """The identity a `probe fit` with these options would record (nothing is fitted)."""
+    if options.get("head") == "seg-linear":
+        return _fit_segmentation(identity_only=True, **options)
     return prepare(**options).identity
 
 
@@ -386,7 +434,9 @@ def run(prep: Prepared) -> FitResult:
     artifact = {"format": HEAD_FORMAT, "pipeline": pipeline, "classes": names, "model": key["model"],
                 "weights": prep.weights, "weights_identity": key["weights"], "resolution": key["resolution"],
                 "preprocessing": key["preprocessing"], "pool": key.get("pool"), "feature_dim": int(train.dim),
-                "layers": cache.layer_group(layer) if layer else [], "precision": key.get("precision", "fp32"),
+                "layers": cache.layer_group(layer) if layer not in (None, "tokens") else [],
+                "tokens": {"grid": key["tokens"]["grid"], "shape": list(cache.token_shape)} if layer == "tokens" else None,
+                "precision": key.get("precision", "fp32"),
                 "compile": bool(key.get("compile")), "cache": str(cache.path.resolve()), "cache_key": key,
                 "identity": prep.identity, "temperature": calibrated["temperature"] if calibrated else None}
     if w.main:  # under torchrun every rank holds the same head: rank 0 saves it

@@ -28,7 +28,7 @@ FORMAT = 2
 # The only classes a head file may name: what probe fit's pipelines hold.
 TRUSTED = ("sklearn.pipeline.Pipeline", "sklearn.preprocessing._data.StandardScaler",
            "sklearn.preprocessing._data.Normalizer", "probe.heads.LogisticProbe", "probe.heads.TorchLinear",
-           "probe.heads.TorchMLP", "probe.heads.CosineKNN", "probe.heads.ZeroShotHead", "probe.rows.Rows",
+           "probe.heads.TorchMLP", "probe.heads.AttentiveProbe", "probe.heads.SegLinearProbe", "probe.heads.CosineKNN", "probe.heads.ZeroShotHead", "probe.rows.Rows",
            "probe.rows.Part")
 
 

@@ -575,6 +575,66 @@ class TorchMLP(_TrainedHead):
         return nn.Sequential(nn.Linear(d, self.hidden), nn.ReLU(), nn.Dropout(self.dropout), nn.Linear(self.hidden, k))
 
 
+class AttentiveProbe(_TrainedHead):
+    """An attentive probe on token maps: V-JEPA's AttentiveClassifier (facebookresearch/jepa,
+    src/models/attentive_pooler.py, also AIM's and V-JEPA 2's): learned query tokens (trunc-normal, std
+    0.02) attend over the layer-normed tokens in one cross-attention block (multi-head attention, a
+    residual; layer norm, an MLP of mlp_ratio x the width with GELU, a residual), then a linear classifier
+    on the query (the mean of the queries, where there are several).
+
+    X is [N, n_tokens * C]: each row one image's tokens side by side, as `probe extract --tokens` stores
+    them; n_tokens 1 makes it a classifier on plain features, which is what scikit-learn's checks run.
+    num_heads: 16, or the largest count below that divides C. Trained as the torch heads are (AdamW,
+    cosine schedule); lr 1e-3 and weight decay 0.01 are V-JEPA's evaluation defaults, 20 epochs its
+    ImageNet probe's.
+    """
+
+    def __init__(self, n_tokens: int = 1, num_heads: int = 16, num_queries: int = 1, mlp_ratio: float = 4.0,
+                 epochs: int = 20, lr: float = 1e-3, weight_decay: float = 0.01, batch_size: int = 256,
+                 min_steps: int = 300, class_weight: str | None = None, random_state: int = 0, device: str = "auto"):
+        self.n_tokens, self.num_heads, self.num_queries, self.mlp_ratio = n_tokens, num_heads, num_queries, mlp_ratio
+        self.epochs, self.lr, self.weight_decay, self.batch_size = epochs, lr, weight_decay, batch_size
+        self.min_steps, self.class_weight, self.random_state, self.device = min_steps, class_weight, random_state, device
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        # One token of a few features (scikit-learn's 2-feature blobs) loses its information in the layer norm
+        # over the width that the recipe applies first; on token maps (hundreds of channels) it does not.
+        tags.classifier_tags.poor_score = True
+        return tags
+
+    def _module(self, d, k):
+        from probe.attentive import AttentivePooler
+
+        if self.n_tokens < 1 or d % self.n_tokens:
+            raise ValueError(f"{d} features are not n_tokens = {self.n_tokens} tokens of one width")
+        width = d // self.n_tokens
+        heads = max(h for h in range(1, max(1, self.num_heads) + 1) if width % h == 0)
+        return AttentivePooler(width, self.n_tokens, heads, self.num_queries, self.mlp_ratio, k)
+
+
+class SegLinearProbe(_TrainedHead):
+    """DINOv2's linear segmentation probe (its BNHead, `linear` config): batch norm over the channels and
+    a 1x1 convolution, which on one token is a linear layer, so the head is a classifier of tokens: rows
+    [n, C], one token each, labelled with its grid cell's class (probe.segment makes them from a token
+    cache, and upsamples its logits to the masks). AdamW at lr 1e-3 and weight decay 1e-4 as DINOv2's
+    config, with a cosine schedule instead of its poly one; batches of 4,096 tokens.
+    """
+
+    def __init__(self, epochs: int = 10, lr: float = 1e-3, weight_decay: float = 1e-4, batch_size: int = 4096,
+                 min_steps: int = 300, class_weight: str | None = None, random_state: int = 0, device: str = "auto"):
+        self.epochs, self.lr, self.weight_decay, self.batch_size = epochs, lr, weight_decay, batch_size
+        self.min_steps, self.class_weight, self.random_state, self.device = min_steps, class_weight, random_state, device
+
+    def _module(self, d, k):
+        from torch import nn
+
+        return nn.Sequential(nn.BatchNorm1d(d), nn.Linear(d, k))
+
+
+TOKEN_HEADS = ("attentive", "seg-linear")  # heads on the token maps of `probe extract --tokens`, not on pooled features
+
+
 class CosineKNN(_Classifier):
     """k-nearest neighbours on L2-normalized features.
 
@@ -759,7 +819,8 @@ def _unit_rows(X: np.ndarray) -> np.ndarray:
     return X / np.where(norms > 0, norms, 1)
 
 
-HEADS = {"logreg": LogisticProbe, "linear": TorchLinear, "mlp": TorchMLP, "knn": CosineKNN, "zeroshot": ZeroShotHead}
+HEADS = {"logreg": LogisticProbe, "linear": TorchLinear, "mlp": TorchMLP, "knn": CosineKNN, "zeroshot": ZeroShotHead,
+         "attentive": AttentiveProbe, "seg-linear": SegLinearProbe}
 
 
 def make_head(name: str, **params) -> BaseEstimator:

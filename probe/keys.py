@@ -12,6 +12,7 @@ from probe.cache import cache_key, cache_path
 from probe.datasets import load_dataset
 from probe.device import device_type
 from probe.errors import ProbeError
+from probe.preprocess import dense_preprocess
 
 DTYPES = ("float32", "float16")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -30,11 +31,14 @@ def resolve_cache(*, model: str = "resnet18", dataset: str = "cifar10", weights:
                   resolution: int | None = None, dtype: str = "float32", data_dir: str = "data",
                   cache_dir: str = "cache", download: bool = True, views: int = 0, augment: str = "rrc",
                   pool: str | None = None, layers: str | list[str] | None = None, data_options: dict | None = None,
-                  precision: str = "auto", compile: bool = False, device: str = "auto"):
+                  precision: str = "auto", compile: bool = False, device: str = "auto", tokens: bool = False,
+                  token_grid: int | None = None, token_dtype: str = "float16"):
     """Load the data set and work out the cache file its features belong in: (dataset, key, path).
 
     The key is the cache's whole identity (probe.cache.cache_key). data_options: what some data set
-    sources read (image_column, label_column of hf:; test_shards, class_names of wds:)."""
+    sources read (image_column, label_column of hf:; test_shards, class_names of wds:). tokens: the
+    cache also holds the final token maps (token_grid: average-pooled to that side; token_dtype: their
+    storage)."""
     spec = resolve(model)
     pre, pool = spec.preprocess.at(resolution), spec.resolve_pool(pool)
     if layers:  # the names need the architecture (random init: no download)
@@ -45,11 +49,20 @@ def resolve_cache(*, model: str = "resnet18", dataset: str = "cifar10", weights:
         raise ProbeError(f"--views must be 0 or more and --augment one of {', '.join(AUGMENTATIONS[:-1])}, "
                          f"not {views} and {augment!r}")
     precision = resolve_precision(precision, device)
+    if token_grid is not None and (not tokens or token_grid < 1):
+        raise ProbeError(f"--token-grid {token_grid}: give a positive grid side, with --tokens")
+    if tokens and token_dtype not in DTYPES:
+        raise ProbeError(f"unknown token dtype {token_dtype!r}: choose one of {', '.join(DTYPES)}")
     data = load_dataset(dataset, data_dir=data_dir, download=download, options=data_options)
+    if data.masks is not None:  # a segmentation set: the whole image, squashed, so the tokens tile it all
+        pre = dense_preprocess(pre)
+        if not tokens:
+            raise ProbeError(f"{dataset} is a segmentation data set: extract its token maps with --tokens")
     key = cache_key(dataset=data.name, fingerprint=data.fingerprint, protocol=data.protocol, model=spec.name,
                     family=spec.family, weights=spec.weights_identity(weights), resolution=pre.size,
                     preprocessing=pre.as_dict(), pool=pool, dtype=dtype, precision=precision, compiled=bool(compile),
-                    views=views, augment=recipe(augment) if views else None, layers=layers or None)
+                    views=views, augment=recipe(augment) if views else None, layers=layers or None,
+                    tokens={"grid": token_grid or 0, "dtype": token_dtype} if tokens else None)
     return data, key, cache_path(cache_dir, key)
 
 

@@ -31,22 +31,19 @@ def predict(head: str | os.PathLike, images: list[str | os.PathLike], *, top_k: 
     if top_k < 1:
         raise ProbeError(f"--top-k must be positive, not {top_k}")
     artifact = load_head(head, trust_pickle=trust_pickle)
-    weights, spec = artifact["weights"], resolve(artifact["model"])
-    if weights not in ("default", "none") and not Path(weights).exists():
-        raise ProbeError(f"the head's backbone weights file {weights} is gone; put it back or fit the head again")
-    if artifact["weights_identity"] not in ("default", "none"):  # a file, a folder, a saved model's own weights
-        now = spec.weights_identity(weights)
-        if now != artifact["weights_identity"]:
-            raise ProbeError(f"the head's backbone weights ({weights} of {artifact['model']}) has changed since the "
-                             f"head was fitted (now {now}, fitted on {artifact['weights_identity']}); put the "
-                             "original back or fit the head again")
+    check_backbone(artifact)
+    if artifact.get("task") == "segmentation":
+        raise ProbeError(f"{head} is a segmentation head: probe predict --masks DIR writes its masks")
     # The preprocessing and pool the cache was extracted with (heads of probe 0.2 record the older transform).
+    weights = artifact["weights"]
     pre = Preprocess.from_dict(artifact["preprocessing"], artifact["resolution"])
     layers = artifact.get("layers") or []  # a head fitted on layers (probe fit --layer) gets those columns
+    tokens = artifact.get("tokens")  # a head on token maps (--head attentive) gets them, pooled to the same grid
     # The arithmetic the cache was extracted with, so the head sees features as it was fitted on them.
     embed = Embedder(artifact["model"], weights, pre, artifact.get("pool"), resolve_device(device), layers=layers,
-                     precision=artifact.get("precision", "fp32"), compiled=artifact.get("compile", False))
-    width = sum(embed.layer_dims.values()) if layers else embed.feature_dim
+                     precision=artifact.get("precision", "fp32"), compiled=artifact.get("compile", False),
+                     tokens=tokens["grid"] if tokens else None)
+    width = sum(embed.layer_dims.values()) if layers else int(np.prod(embed.token_shape)) if tokens else embed.feature_dim
     if width != artifact["feature_dim"]:
         raise ProbeError(f"head {head} expects {artifact['feature_dim']}-wide features, but {artifact['model']} "
                          f"gives {width}")
@@ -56,6 +53,8 @@ def predict(head: str | os.PathLike, images: list[str | os.PathLike], *, top_k: 
         features = embed(pixels)
         if layers:  # [final | layers]: the head saw the layers alone
             features = features[:, embed.feature_dim:]
+        if tokens:
+            features = embed.last_tokens
         p = pipeline.predict_proba(features.cpu().numpy())
         if artifact.get("temperature"):  # fitted with --calibrate temperature
             p = apply_temperature(p, artifact["temperature"])
@@ -63,6 +62,31 @@ def predict(head: str | os.PathLike, images: list[str | os.PathLike], *, top_k: 
 
     names = [artifact["classes"][int(c)] for c in pipeline.classes_]  # the probabilities' columns
     return classify(images, pre, probabilities, names, top_k, embed.device)
+
+
+def check_backbone(artifact: dict) -> None:
+    """Refuse a head whose backbone weights are gone or changed since it was fitted."""
+    weights, spec = artifact["weights"], resolve(artifact["model"])
+    if weights not in ("default", "none") and not Path(weights).exists():
+        raise ProbeError(f"the head's backbone weights file {weights} is gone; put it back or fit the head again")
+    if artifact["weights_identity"] not in ("default", "none"):  # a file, a folder, a saved model's own weights
+        now = spec.weights_identity(weights)
+        if now != artifact["weights_identity"]:
+            raise ProbeError(f"the head's backbone weights ({weights} of {artifact['model']}) has changed since the "
+                             f"head was fitted (now {now}, fitted on {artifact['weights_identity']}); put the "
+                             "original back or fit the head again")
+
+
+def predict_masks(head: str | os.PathLike, images: list, out_dir: str | os.PathLike, device: str = "auto",
+                  trust_pickle: bool = False) -> list[dict]:
+    """A segmentation head's colored mask of each image, written to out_dir (probe.segment.predict_masks)."""
+    from probe import segment
+
+    artifact = load_head(head, trust_pickle=trust_pickle)
+    if artifact.get("task") != "segmentation":
+        raise ProbeError(f"{head} is a classification head: --masks is for --head seg-linear runs")
+    check_backbone(artifact)
+    return segment.predict_masks(artifact, images, out_dir, device)
 
 
 def classify(images: list, pre: Preprocess, probabilities, names: list[str], top_k: int, device=None) -> list[dict]:

@@ -60,6 +60,12 @@ class Preprocess:
 
 
 
+def dense_preprocess(pre: Preprocess) -> Preprocess:
+    """The evaluation transform of dense (segmentation) probing: the whole image squashed to size x size,
+    no crop, so that the token grid covers every pixel its mask scores."""
+    return replace(pre, resize=pre.size, mode="squash")
+
+
 def resize_center_crop(images, pre: Preprocess):
     """Apply `pre`'s resize and center crop to float images [N, 3, H, W] in 0..255.
 

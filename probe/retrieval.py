@@ -65,6 +65,8 @@ def retrieval(cache: str | os.PathLike, *, layer: str | None = None, out: str | 
     from probe.device import device_type
 
     c = open_cache(cache)
+    if c.attrs.get("task") == "segmentation":
+        raise ProbeError(f"{c.path.name} is a segmentation set's cache: retrieval needs class labels")
     if c.key["dataset"].startswith("captions:"):
         if layer is not None:
             raise ProbeError("image-text retrieval compares the image embedding in the text space (--pool proj), "

@@ -200,3 +200,91 @@ def sun397(root: Path) -> dict:
 
 WRITERS = {f.__name__: f for f in (cifar10, cifar100, stl10, svhn, flowers102, dtd, oxford_pets, food101, fgvc_aircraft, gtsrb,
                                     eurosat, caltech101, sun397)}
+
+
+# Segmentation sets: synthetic scenes (a dark background with bright squares of the classes' colours),
+# so that a probe can learn them, written in each published layout.
+SEG_COLOURS = [(20, 20, 20), (220, 40, 40), (40, 200, 60), (60, 80, 230)]
+
+
+def seg_scene(seed: int, size: tuple[int, int] = (40, 48)) -> tuple[np.ndarray, np.ndarray]:
+    """(image uint8 [H, W, 3], mask int [H, W] of classes 0..3) with a noisy background and two squares."""
+    rng = np.random.default_rng(seed)
+    h, w = size
+    mask = np.zeros((h, w), np.int64)
+    for cls in rng.choice([1, 2, 3], 2, replace=False):
+        side = int(rng.integers(h // 3, h // 2))
+        top, left = int(rng.integers(0, h - side)), int(rng.integers(0, w - side))
+        mask[top:top + side, left:left + side] = cls
+    image = np.array(SEG_COLOURS, np.float64)[mask] + rng.normal(0, 12, (h, w, 3))
+    return np.clip(image, 0, 255).astype(np.uint8), mask
+
+
+def _scenes(n: int, offset: int):
+    return [seg_scene(offset + i, (40 + 8 * (i % 2), 48)) for i in range(n)]
+
+
+def folder_seg(root: Path, n_train: int = 24, n_test: int = 8, ignore: int | None = 255) -> dict:
+    """folder-seg:ROOT: {train,test}/images/NAME.jpg with {train,test}/masks/NAME.png; a strip of `ignore`
+    (None: none) down the left edge."""
+    for split, n, offset in (("train", n_train, 0), ("test", n_test, 1000)):
+        for i, (image, mask) in enumerate(_scenes(n, offset)):
+            stored = mask.astype(np.uint8)
+            if ignore is not None:
+                stored[:, :2] = ignore
+            (root / split / "images").mkdir(parents=True, exist_ok=True)
+            (root / split / "masks").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(root / split / "images" / f"scene{i:03d}.png")
+            Image.fromarray(stored).save(root / split / "masks" / f"scene{i:03d}.png")
+    (root / "classes.txt").write_text("background\nred\ngreen\nblue\n")
+    return {"classes": ["background", "red", "green", "blue"], "train": n_train, "test": n_test}
+
+
+def ade20k(root: Path, n_train: int = 6, n_test: int = 4) -> dict:
+    """ADEChallengeData2016/: images/{training,validation}/ADE_*.jpg, annotations/.../ADE_*.png (0 = other)."""
+    base = root / "ADEChallengeData2016"
+    for folder, n, offset, tag in (("training", n_train, 0, "train"), ("validation", n_test, 1000, "val")):
+        (base / "images" / folder).mkdir(parents=True, exist_ok=True)
+        (base / "annotations" / folder).mkdir(parents=True, exist_ok=True)
+        for i, (image, mask) in enumerate(_scenes(n, offset)):
+            name = f"ADE_{tag}_{i + 1:08d}"
+            Image.fromarray(image).save(base / "images" / folder / f"{name}.jpg", quality=95)
+            Image.fromarray(mask.astype(np.uint8)).save(base / "annotations" / folder / f"{name}.png")  # 0: other
+    return {"classes": ["wall", "building", "sky"], "train": n_train, "test": n_test}
+
+
+def voc2012_seg(root: Path, n_train: int = 6, n_test: int = 4) -> dict:
+    """VOCdevkit/VOC2012/: JPEGImages, SegmentationClass (palette PNGs, 255 = border), ImageSets/Segmentation."""
+    base = root / "VOCdevkit" / "VOC2012"
+    for d in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (base / d).mkdir(parents=True, exist_ok=True)
+    palette = [v for i in range(256) for v in ((i * 40) % 256, (i * 80) % 256, (i * 120) % 256)]
+    for split, n, offset in (("train", n_train, 0), ("val", n_test, 1000)):
+        names = []
+        for i, (image, mask) in enumerate(_scenes(n, offset)):
+            name = f"2007_{offset + i:06d}"
+            names.append(name)
+            Image.fromarray(image).save(base / "JPEGImages" / f"{name}.jpg", quality=95)
+            stored = mask.astype(np.uint8) * 5  # VOC classes 0, 5, 10, 15
+            stored[-1, :] = 255
+            png = Image.fromarray(stored, mode="P")
+            png.putpalette(palette)
+            png.save(base / "SegmentationClass" / f"{name}.png")
+        (base / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(names) + "\n")
+    return {"classes": ["background", "aeroplane", "bicycle"], "train": n_train, "test": n_test}
+
+
+def cityscapes(root: Path, n_train: int = 6, n_test: int = 4) -> dict:
+    """cityscapes/: leftImg8bit/{train,val}/CITY/*_leftImg8bit.png, gtFine/.../*_gtFine_labelIds.png."""
+    base = root / "cityscapes"
+    label_ids = np.array([0, 7, 26, 24])  # unlabeled, road, car, person: train ids 255, 0, 13, 11
+    for split, n, offset, city in (("train", n_train, 0, "aachen"), ("val", n_test, 1000, "lindau")):
+        (base / "leftImg8bit" / split / city).mkdir(parents=True, exist_ok=True)
+        (base / "gtFine" / split / city).mkdir(parents=True, exist_ok=True)
+        for i, (image, mask) in enumerate(_scenes(n, offset)):
+            name = f"{city}_{i:06d}_000019"
+            Image.fromarray(image).save(base / "leftImg8bit" / split / city / f"{name}_leftImg8bit.png")
+            Image.fromarray(label_ids[mask].astype(np.uint8)).save(base / "gtFine" / split / city / f"{name}_gtFine_labelIds.png")
+            for other in ("color", "instanceIds", "polygons"):  # the files torchvision's class lists beside them
+                (base / "gtFine" / split / city / f"{name}_gtFine_{other}.{'json' if other == 'polygons' else 'png'}").touch()
+    return {"classes": ["road", "sidewalk", "building"], "train": n_train, "test": n_test}

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import layouts
 from conftest import copy_sample, open_clip_text_folder
 from probe import cli, identity
 from probe.cache import cache_path
@@ -45,6 +46,7 @@ NEUTRAL = {
         "out": "where the run goes, not what it holds",
         "resume": "a resumed run is the same run",
         "as_json": "how the result is printed",
+        "ignore_index": "finetune refuses segmentation sets, the only data sets that read it",
     },
 }
 
@@ -67,6 +69,10 @@ def world(tmp_path_factory):
     extract(dataset=f"folder:{a}", layers="all", **base)
     extract(dataset=f"folder:{train_only}", **base)
     extract(dataset=f"folder:{larger}", **base)
+    seg = root / "seg"
+    layouts.folder_seg(seg, 4, 2, ignore=None)  # every value a class: any --ignore-index of them is valid
+    for ignore in (255, 0):  # the seg-linear fits of --ignore-index below
+        extract(dataset=f"folder-seg:{seg}", tokens=True, data_options={"ignore_index": ignore}, **base)
     clip = open_clip_text_folder(root / "open_clip")
     extract(dataset=f"folder:{a}", **{**base, "model": f"open_clip:local-dir:{clip}", "pool": "proj", "weights": "default"})
     (root / "names.txt").write_text("a cat\na dog\na frog\n")
@@ -75,7 +81,7 @@ def world(tmp_path_factory):
                C=1.0, out=str(root / "head")).out
     other_head = fit(model="resnet18", weights="none", resolution=32, dataset=f"folder:{a}", cache_dir=str(cache_dir),
                      C=0.1, out=str(root / "head2")).out
-    return dict(a=a, b=b, train_only=train_only, larger=larger, weights=weights, hf=hf, wds=wds, cache_dir=cache_dir, head=head,
+    return dict(seg=seg, a=a, b=b, train_only=train_only, larger=larger, weights=weights, hf=hf, wds=wds, cache_dir=cache_dir, head=head,
                 other_head=other_head, clip=clip, root=root)
 
 
@@ -118,6 +124,7 @@ def variants(w) -> dict[str, dict[str, tuple[list, list]]]:
     """For each option of each command: two command lines that differ in it (and in nothing else)."""
     tiny = ["--weights", "none", "--resolution", "32"]
     a, b, hf, wds = f"folder:{w['a']}", f"folder:{w['b']}", f"hf:{w['hf']}", f"wds:{w['wds']}/train-0.tar"
+    seg = f"folder-seg:{w['seg']}"
     cache_opts = ["--cache-dir", str(w["cache_dir"])]
     ex = ["--model", "resnet18", "--dataset", a, *tiny]
     extract = {
@@ -132,6 +139,10 @@ def variants(w) -> dict[str, dict[str, tuple[list, list]]]:
         "views": (ex, [*ex, "--views", "1"]),
         "augment": ([*ex, "--views", "1"], [*ex, "--views", "1", "--augment", "crop"]),
         "layers": (ex, [*ex, "--layers", "all"]),
+        "tokens": (ex, [*ex, "--tokens"]),
+        "token_grid": ([*ex, "--tokens"], [*ex, "--tokens", "--token-grid", "1"]),
+        "token_dtype": ([*ex, "--tokens"], [*ex, "--tokens", "--token-dtype", "float32"]),
+        "ignore_index": ([*ex, "--dataset", seg, "--tokens"], [*ex, "--dataset", seg, "--tokens", "--ignore-index", "0"]),
         "image_column": ([*ex, "--dataset", hf, "--image-column", "img"], [*ex, "--dataset", hf, "--image-column", "img2"]),
         "label_column": ([*ex, "--dataset", hf, "--label-column", "fine"],
                          [*ex, "--dataset", hf, "--label-column", "coarse"]),
@@ -140,7 +151,10 @@ def variants(w) -> dict[str, dict[str, tuple[list, list]]]:
         "class_names": ([*ex, "--dataset", wds, "--class-names", f"{w['wds']}/names1.json"],
                         [*ex, "--dataset", wds, "--class-names", f"{w['wds']}/names2.json"]),
     }
-    fit = {name: ([*cache_opts, *x], [*cache_opts, *y]) for name, (x, y) in extract.items() if name != "layers"}
+    fit = {name: ([*cache_opts, *x], [*cache_opts, *y]) for name, (x, y) in extract.items()
+           if name not in ("layers", "tokens", "token_grid", "token_dtype")}
+    segment = [*cache_opts, "--model", "resnet18", "--dataset", seg, *tiny, "--head", "seg-linear"]
+    fit["ignore_index"] = (segment, [*segment, "--ignore-index", "0"])
     f = [*ex, *cache_opts]
     held = ["--model", "resnet18", "--dataset", f"folder:{w['train_only']}", *tiny, *cache_opts]
     zs = ["--model", f"open_clip:local-dir:{w['clip']}", "--pool", "proj", "--dataset", a, "--resolution", "32",

@@ -308,6 +308,40 @@ def pool_tokens(tokens: torch.Tensor, pool: str, prefix_tokens: int = 1) -> torc
     return {"cls": cls, "avg": avg, "cls+avg": torch.cat([cls, avg], 1)}[pool]
 
 
+def capture_tokens(net: nn.Module, model: str) -> None:
+    """Make every forward pass of a built backbone keep its final token map in `net.tokens`, with
+    `net.token_prefix` leading class or register tokens (`token_grid` turns it into a grid).
+
+    A family's wrapper keeps what its forward already computes (`keep_tokens`: timm's forward_features,
+    HF's last_hidden_state, open_clip's output tokens); a library's own model (torchvision's, the
+    EfficientNet-Lites) names the module whose output the map is (`token_module`), hooked here."""
+    if getattr(net, "token_module", None):
+        net.token_prefix = getattr(net, "prefix_tokens", 0)
+        inner(net).get_submodule(net.token_module).register_forward_hook(
+            lambda module, args, output: setattr(net, "tokens", output))
+    elif hasattr(net, "keep_tokens"):
+        net.keep_tokens = True
+    else:
+        raise ProbeError(f"--tokens: {model} with this --pool gives no token map (its image embedding is a "
+                         "pooled vector); extract with its default --pool")
+
+
+def token_grid(tokens, prefix_tokens: int) -> torch.Tensor:
+    """A final token map as a grid [N, C, H, W]: a CNN's feature map as it is; a ViT's tokens [N, T, D]
+    without the `prefix_tokens` leading ones, the patch tokens laid out on their square grid."""
+    if isinstance(tokens, (tuple, list)):  # transformers' outputs
+        tokens = tokens[0]
+    if tokens.ndim == 4:
+        return tokens
+    if tokens.ndim != 3:
+        raise ProbeError(f"--tokens: this model's final output is {tokens.ndim}-d, not a token map")
+    patches = tokens[:, prefix_tokens:]
+    side = math.isqrt(patches.shape[1])
+    if side * side != patches.shape[1]:
+        raise ProbeError(f"--tokens: {patches.shape[1]} patch tokens do not make a square grid")
+    return patches.transpose(1, 2).reshape(len(patches), patches.shape[2], side, side)
+
+
 def layer_names(net: nn.Module) -> list[str]:
     """The blocks a built backbone offers to --layers, in depth order, named as in the model itself
     (layer1..layer4, blocks.0..blocks.11, encoder.layer.0, transformer.resblocks.0, ...).

@@ -258,13 +258,19 @@ class HFFeatures(nn.Module):
         width = hidden[-1] if hidden else model.config.hidden_size
         self.feature_dim = 2 * width if pool == "cls+avg" else width
 
+    keep_tokens = False  # probe.backbones.capture_tokens: keep last_hidden_state in self.tokens
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.model(pixel_values=x, **self.kwargs)
+        if self.keep_tokens:
+            self.tokens, self.token_prefix = self._normed(out.last_hidden_state), self.prefix_tokens
         if self.pool == "pooler":
             if out.pooler_output is None:
                 raise ProbeError(f"this {self.kind} model has no pooler output: use --pool cls or avg")
             return out.pooler_output.flatten(1)
-        tokens = out.last_hidden_state
+        return pool_tokens(self._normed(out.last_hidden_state), self.pool, self.prefix_tokens)
+
+    def _normed(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.kind == "clip_vision_model":  # CLIP normalizes after the encoder only on the pooled token
             tokens = getattr(self.model, "vision_model", self.model).post_layernorm(tokens)
-        return pool_tokens(tokens, self.pool, self.prefix_tokens)
+        return tokens

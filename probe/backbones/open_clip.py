@@ -142,9 +142,26 @@ class OpenClipFeatures(nn.Module):
         with torch.inference_mode():  # the width, from one forward pass (towers name it differently)
             self.feature_dim = self(torch.zeros(1, 3, h, w)).shape[1]
 
+    keep_tokens = False  # probe.backbones.capture_tokens: keep the tower's output tokens in self.tokens
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.pool == "pooled" and hasattr(self.visual, "trunk"):  # a timm tower: trunk, then head (the projection)
-            return self.visual.trunk(x)
+        trunk = getattr(self.visual, "trunk", None)
+        if self.keep_tokens and trunk is not None:  # a timm tower: its forward_features, then its pool and head
+            self.tokens, self.token_prefix = trunk.forward_features(x), self.prefix_tokens
+            pooled = trunk.forward_head(self.tokens)
+            return pooled if self.pool == "pooled" else self.visual.head(pooled)
+        if self.keep_tokens:
+            if not hasattr(self.visual, "output_tokens"):
+                raise ProbeError("--tokens: this open_clip image tower (a ResNet's attention pool) gives no token map")
+            self.visual.output_tokens = True  # (pooled, patch tokens): the class token is not among them
+            try:
+                pooled, self.tokens = self.visual(x)
+            finally:
+                self.visual.output_tokens = False
+            self.token_prefix = 0
+            return pooled
+        if self.pool == "pooled" and trunk is not None:  # a timm tower: trunk, then head (the projection)
+            return trunk(x)
         return self.visual(x)
 
 

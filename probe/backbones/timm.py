@@ -131,10 +131,17 @@ class TimmFeatures(nn.Module):
             first = next((i for i, n in enumerate(names) if n.startswith(self.last_stage[0])), len(names))
             self.last_stage += tuple(n for n in names[first:] if not n.startswith(self.last_stage[0]))
 
+    keep_tokens = False  # probe.backbones.capture_tokens: keep forward_features' output in self.tokens
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.pool == "head":
+        if self.pool == "head" and not self.keep_tokens:
             return self.model(x)  # num_classes=0: forward_head(forward_features(x), pre_logits=True)
-        return pool_tokens(self.model.forward_features(x), self.pool, self.model.num_prefix_tokens)
+        features = self.model.forward_features(x)
+        if self.keep_tokens:
+            self.tokens, self.token_prefix = features, self.prefix_tokens
+        if self.pool == "head":
+            return self.model.forward_head(features, pre_logits=True)
+        return pool_tokens(features, self.pool, self.model.num_prefix_tokens)
 
 
 def _stages(model: nn.Module) -> list[str]:
@@ -188,6 +195,7 @@ def _build_lite(name: str, weights: str, pre: Preprocess, pool: str) -> nn.Modul
         load_strict(model, state_dict, f"weights file {weights}", name, ("classifier.",))
     model.classifier = nn.Identity()
     model.feature_dim, model.prefix_tokens = 1280, 0
+    model.token_module = "bn2"  # the end of forward_features: the 1280-channel map before the global pool
     return model
 
 

@@ -40,6 +40,10 @@ def spec(name: str) -> ModelSpec:
 
 
 SPECS = {name: partial(spec, name) for name in MODELS}
+# The module whose output is each model's final token map (probe extract --tokens): the last feature map
+# before the global pool, and vit_b_16's encoder output (after its final layer norm).
+TOKEN_MODULES = {"resnet18": "layer4", "resnet50": "layer4", "efficientnet_b0": "features", "convnext_tiny": "features",
+                 "vgg16": "features", "vit_b_16": "encoder"}
 
 
 def _build(name: str, weights: str, pre: Preprocess, pool: str) -> nn.Module:
@@ -70,6 +74,7 @@ def _build(name: str, weights: str, pre: Preprocess, pool: str) -> nn.Module:
     if name in LAYERS:  # models without one sequence of blocks name their stages (--layers)
         model.layer_names = LAYERS[name]
     model.prefix_tokens = 1 if name == "vit_b_16" else 0
+    model.token_module = TOKEN_MODULES[name]
     return model
 
 

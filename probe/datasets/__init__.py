@@ -3,6 +3,8 @@
     cifar10, cifar100                 cifar.py (torchvision's pickled batches)
     stl10, svhn, flowers102, dtd, ... torchvision.py (the standard linear-probe suite)
     sample, folder:PATH               folder.py (the bundled sample; your own image folders)
+    ade20k, voc2012_seg, cityscapes,  segmentation.py (masks for dense probes on token maps)
+    folder-seg:PATH
     hf:NAME-OR-FOLDER[@CONFIG]        hf.py (needs `pip install "probe[hf]"`)
     wds:PATTERN                       wds.py (WebDataset tar shards)
     captions:FILE                     captions.py (Flickr and COCO caption sets, for probe retrieval)
@@ -18,7 +20,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from probe.datasets import cifar, folder, torchvision
+from probe.datasets import cifar, folder, segmentation, torchvision
 from probe.datasets.base import (IMAGE_EXTENSIONS, ImageDataset, ImageFiles, Split, decode_image,
                                  read_image)
 from probe.datasets.folder import SAMPLE_DIR
@@ -35,19 +37,24 @@ NAMED = {
                  "official: train, test (the 100 fine labels)", "cifar-100-python/"),
     **{name: (load, classes, sizes, torchvision.PROTOCOLS[name], where)
        for name, (load, classes, sizes, where) in torchvision.DATASETS.items()},
+    "ade20k": (segmentation.ade20k, 150, (20210, 2000), segmentation.PROTOCOL + " (SceneParsing)",
+               "ADEChallengeData2016/"),
+    "voc2012_seg": (segmentation.voc2012_seg, 21, (1464, 1449), segmentation.PROTOCOL, "VOCdevkit/VOC2012/"),
+    "cityscapes": (segmentation.cityscapes, 19, (2975, 500), segmentation.PROTOCOL + " (fine)", "cityscapes/"),
     "sample": (lambda root, download: folder.load_sample(root, download), 10, (1000, 500),
                "bundled with probe: 100 train and 50 test images per class of the JPEG CIFAR-10", "(in the package)"),
 }
-PREFIXES = ("folder:", "hf:", "wds:", "captions:")
+PREFIXES = ("folder:", "folder-seg:", "hf:", "wds:", "captions:")
 # Options that only some sources read; given for another source they are an error, not ignored.
-OPTIONS = {"image_column": "hf:", "label_column": "hf:", "test_shards": "wds:", "class_names": "wds:"}
+OPTIONS = {"image_column": "hf:", "label_column": "hf:", "test_shards": "wds:", "class_names": "wds:",
+           "ignore_index": "folder-seg:"}
 
 
 def check_dataset_name(name: str) -> None:
     """A one-line error for a --dataset that no source takes, before any data is read."""
     if name not in NAMED and not name.startswith(PREFIXES):
         raise ProbeError(f"unknown data set {name!r}: choose one of {', '.join(NAMED)}, or folder:PATH, "
-                         "hf:NAME-OR-FOLDER[@CONFIG], wds:PATTERN, captions:FILE (probe datasets lists them)")
+                         "folder-seg:PATH, hf:NAME-OR-FOLDER[@CONFIG], wds:PATTERN, captions:FILE (probe datasets lists them)")
 
 
 def load_dataset(name: str, data_dir: str | os.PathLike = "data", download: bool = True,
@@ -67,6 +74,8 @@ def load_dataset(name: str, data_dir: str | os.PathLike = "data", download: bool
         data = NAMED[name][0](Path(data_dir), download)
         data.protocol = NAMED[name][3]
         return data
+    if name.startswith("folder-seg:"):
+        return segmentation.folder_seg(name[len("folder-seg:"):], Path(data_dir), download, options)
     if name.startswith("folder:"):
         return folder.load(name[len("folder:"):], Path(data_dir), download, options)
     if name.startswith("hf:"):

@@ -87,6 +87,7 @@ class ImageDataset:
     fingerprint: str  # changes when the images or labels change
     protocol: str = OFFICIAL_TEST  # how the test split was made (recorded in the cache and metrics.json)
     captions: list[list[str]] | None = None  # a caption data set's: each image's captions (probe retrieval)
+    masks: dict | None = None  # a segmentation set's: {split: MaskFiles} (probe.datasets.segmentation)
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
