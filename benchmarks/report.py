@@ -434,6 +434,21 @@ def seg_mask(r: dict) -> list[str]:
     ]
 
 
+def finetune_memory(r: dict) -> list[str]:
+    before = _load("finetune_memory_before")
+    cells = lambda res: ", ".join(f"{row['train_images']:,} training images {row['peak_rss_bytes'] / 2**20:.0f} MiB"  # noqa: E731
+                                  for row in res["rows"])
+    s = r["settings"]
+    lines = [f"**Fine-tuning memory** (`benchmarks/results/finetune_memory.json`; {_machine(r)}): peak RSS of "
+             f"`probe finetune --strategy {s['strategy']} --epochs {s['epochs']}` ({s['model']} at {s['resolution']} px, "
+             f"the JPEG CIFAR-10), each run its own process: {cells(r)}, a ratio of "
+             f"**{r['peak_ratio_largest_over_smallest']:.3f}**. {_targets(r)}"]
+    if before is not None:
+        lines.append(f"The same script on the code before (finetune_memory_before.json, {before['code']}): {cells(before)}, "
+                     f"a ratio of {before['peak_ratio_largest_over_smallest']:.3f}.")
+    return lines
+
+
 def render() -> str:
     parts = []
     for name, fn in (("speedup", speedup), ("speedup_full", speedup), ("heads", heads),
@@ -441,7 +456,8 @@ def render() -> str:
                      ("strategies", strategies), ("lr_search", lr_search), ("bn_cause", bn_cause), ("views", views),
                      ("layers", layers), ("fingerprint", fingerprint), ("suite", suite), ("scale", scale),
                      ("wds_reader", wds_reader), ("startup", startup), ("precision", precision), ("curve", curve),
-                     ("protocol", protocol), ("export", export), ("tokens", tokens), ("seg_mask", seg_mask)):
+                     ("protocol", protocol), ("export", export), ("tokens", tokens), ("seg_mask", seg_mask),
+                     ("finetune_memory", finetune_memory)):
         r = _load(name)
         if r is not None:
             parts.append("\n".join(fn(r)))

@@ -30,13 +30,15 @@ from probe.segment import voc_palette  # noqa: E402
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="efficientnet_lite0")
+    p.add_argument("--weights", default="default")
+    p.add_argument("--out", default=None, help="the JSON result (the picture beside it) [default: benchmarks/results/]")
     p.add_argument("--train", type=int, default=120)
     p.add_argument("--test", type=int, default=30)
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         layouts.folder_seg(tmp / "scenes", args.train, args.test)
-        common = ["--model", args.model, "--dataset", f"folder-seg:{tmp / 'scenes'}", "--cache-dir", str(tmp / "cache")]
+        common = ["--model", args.model, "--weights", args.weights, "--dataset", f"folder-seg:{tmp / 'scenes'}", "--cache-dir", str(tmp / "cache")]
         probe = [sys.executable, "-m", "probe", "-q"]
         subprocess.run([*probe, "extract", *common, "--tokens"], check=True)
         fitted = subprocess.run([*probe, "fit", *common, "--head", "seg-linear", "--out", str(tmp / "runs" / "seg")],
@@ -55,7 +57,7 @@ def main(argv=None):
             truth.putpalette(palette)
             row = [Image.open(image).convert("RGB"), truth.convert("RGB"), Image.open(tmp / "masks" / image.name).convert("RGB")]
             tiles.append(np.concatenate([np.array(t.resize((144, 120), Image.NEAREST)) for t in row], 1))
-        picture = Path(RESULTS) / "seg_mask.png"
+        picture = (Path(args.out).parent if args.out else Path(RESULTS)) / "seg_mask.png"
         Image.fromarray(np.concatenate(tiles, 0)).save(picture)
         print(f"wrote {picture}")
     write_result("seg_mask", {
@@ -65,7 +67,7 @@ def main(argv=None):
         "pixel_accuracy": metrics["pixel_accuracy"], "per_class_iou": metrics["per_class_iou"],
         "picture": "seg_mask.png: each row an image, its true mask and probe predict's mask (VOC's colours)",
         "notes": "synthetic scenes: the commands' form, not a measure of dense probing",
-    })
+    }, args.out)
 
 
 if __name__ == "__main__":

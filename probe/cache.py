@@ -240,7 +240,7 @@ class PartialCache:
                                          "again to resume") from None
                     write(start, stop, shard)
 
-            n_train, dtype = len(labels["train"]), self._dtype()
+            n_train, dtype = len(labels.get("train", ())), self._dtype()  # a shift set has a test split only
             if self.view_splits():  # train/views [K, N, D]
                 views = chunked("train/views", n_train, feature_dim, dtype, lead=(len(self.view_splits()),))
                 for v, split in enumerate(self.view_splits()):
@@ -394,7 +394,7 @@ def open_cache(path: str | os.PathLike, expect: dict | None = None) -> FeatureCa
             classes = json.loads(attrs["classes"])
             dim = int(attrs["feature_dim"])
             splits = [s for s in SPLITS if s in f]
-            if "train" not in splits:
+            if "train" not in splits and "groups" not in attrs:  # only a shift set's cache is test-only
                 raise ProbeError(f"cache {path} has no train split; {fix}")
             for s in splits:
                 features, labels = f[f"{s}/features"], f[f"{s}/labels"]

@@ -263,6 +263,9 @@ def extract(obj, **options):
 @click.option("--max-memory", help="A cap on the whole process's memory (2GB, 512MB), what probe and its libraries "
                                     "hold included; a fit that would pass it reads the cache a chunk at a time. "
                                     "[default: no limit]")
+@click.option("--eval", "evaluate", help="An ImageNet head: also score it on these shift sets (imagenet_v2, imagenet_r, "
+                                        "imagenet_a, imagenet_sketch, objectnet), each extracted first with the same "
+                                        "options; their logits restricted to each set's classes. One table.")
 @click.option("--calibrate", type=click.Choice(["temperature"]),
               help="Hold out 20% of the training images and fit one temperature on them, which scales the head's "
                    "probabilities (metrics.json: calibration before and after; probe predict uses it).")
@@ -311,6 +314,12 @@ def _print_metrics(out, m, as_json):
         if m.get("temperature_scaling", {}).get("at_search_bound"):
             click.echo(f"note: the temperature is at the edge of its search, fitted on "
                        f"{m['temperature_scaling']['n_calibration']} held-out images: it does not calibrate this head well")
+    if m.get("shift"):
+        sets = m["shift"]
+        click.echo("| " + " | ".join([m["dataset"], *sets]) + " |")
+        click.echo("|" + "---:|" * (len(sets) + 1))
+        click.echo("| " + " | ".join([with_interval(m), *(with_interval({"v": s["test_accuracy"], "intervals": {"v": s["interval"]}}, "v")
+                                                        for s in sets.values())]) + " |")
     if m.get("classes_without_test_images"):
         click.echo(f"note: no test images of {', '.join(m['classes_without_test_images'])}: "
                    "their per-class accuracy is null in metrics.json")
@@ -629,9 +638,11 @@ def compare(runs, out, plot, pivot, merge, paired):
 @click.option("--cache-dir", help="Feature cache folder. [default: cache]")
 @click.option("--out", help="Folder for the table, heatmap and every pair's run folder. [default: runs/suite]")
 @click.option("--device", help="auto, cpu or cuda. [default: auto]")
+@click.option("--eval", "evaluate", help="With imagenet among --datasets: also score its heads on these shift sets "
+                                        "(imagenet_v2, imagenet_r, ...), each a column of the table.")
 @click.pass_obj
 @_errors_to_exit_codes
-def suite(obj, models, datasets, head, **options):
+def suite(obj, models, datasets, head, evaluate, **options):
     """Extract and fit every model on every data set (and every head): one table (suite.csv, suite.md), a
     heatmap (suite.png) and each pair's metrics.json. Cached features and finished fits are reused, so a
     re-run, or one with another head, costs seconds; a pair that fails is reported and the rest go on
@@ -640,7 +651,7 @@ def suite(obj, models, datasets, head, **options):
 
     split = lambda text: [t.strip() for t in text.split(",") if t.strip()]  # noqa: E731
     result = run(models=split(models), datasets=split(datasets), **_kwargs(heads=split(head) if head else None, **options),
-                 progress=obj["progress"])
+                 progress=obj["progress"], evaluate=split(evaluate) if evaluate else None)
     from probe.compare import pivot_markdown
 
     click.echo(pivot_markdown(result["table"]), nl=False)

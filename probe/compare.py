@@ -269,6 +269,18 @@ def _identity_parts(run: dict) -> tuple[dict, dict]:
             {k: v for k, v in flat.items() if k not in DATA_FIELDS})
 
 
+def with_shift_columns(runs: list[dict]) -> list[dict]:
+    """Each run's scores on shift sets (probe fit --eval) as runs of those data sets, so they are columns of
+    the suite table beside the run's own; they have no per-image predictions to compare pairwise."""
+    out = []
+    for r in runs:
+        out.append(r)
+        for name, s in (r.get("shift") or {}).items():
+            out.append({**r, "dataset": name, "test_accuracy": s["test_accuracy"],
+                        "intervals": {"test_accuracy": s["interval"]}, "test_set_hash": None, "shift": None})
+    return out
+
+
 def pivot(runs: list[dict], failures: list[dict] = (), merge: bool = False) -> dict:
     """The suite table: a row per model (with its weights, if not the default) and head, a column per data
     set, test accuracy in the cells ("failed" for a pair in `failures`), and each row's mean.
@@ -281,6 +293,7 @@ def pivot(runs: list[dict], failures: list[dict] = (), merge: bool = False) -> d
     differs; the newest run of each cell is shown and the notes name the fields that were merged over.
     """
     base = lambda model, weights, head: (f"{model} ({weights})" if weights not in (None, "default") else model, head)  # noqa: E731
+    runs = with_shift_columns(runs)
     parts = [_identity_parts(r) for r in runs]
     # Columns: by short name (folder:cifar10-jpeg), by whole name where two short names clash, and by the
     # differing fields where two data sets of one name differ in content or protocol.

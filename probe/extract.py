@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -370,7 +371,7 @@ def _run(data, key, path, weights, kind, batch_size, num_workers, resume, progre
             parts.finish(classes=data.classes, labels={s: sp.labels for s, sp in data.splits.items()},
                          feature_dim=embed.feature_dim, versions=_versions(),
                          layer_dims=embed.layer_dims, all_layers=embed.all_layers, token_shape=embed.token_shape,
-                         extra=None if data.masks is None else partial(write_masks, data, embed.token_shape),
+                         extra=partial(_dataset_extras, data, embed.token_shape),
                          weights_path="" if weights in ("default", "none") else str(Path(weights).resolve()))
         except ProbeError as e:
             published = e
@@ -381,6 +382,17 @@ def _run(data, key, path, weights, kind, batch_size, num_workers, resume, progre
         counts = distributed.all_gather((result.images, result.seconds))
         result.images, result.seconds = sum(c for c, _ in counts), max(t for _, t in counts)
     return result
+
+
+def _dataset_extras(data, token_shape, f) -> None:
+    """What a data set adds to its cache file: a segmentation set's masks, ImageNet's WordNet ids, a shift
+    set's class groups (probe.shift reads the last two)."""
+    if data.masks is not None:
+        write_masks(data, token_shape, f)
+    if data.wnids:
+        f.attrs["wnids"] = json.dumps(data.wnids)
+    if data.groups:
+        f.attrs["groups"] = json.dumps(data.groups)
 
 
 def _check_token_space(path: Path, shape: tuple[int, int, int], dtype: np.dtype, images: int) -> None:

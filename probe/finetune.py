@@ -4,7 +4,8 @@ then everything at the backbone's learning rate (`lp-ft`).
 
 One model (backbone + a new Linear) and one training loop (probe.train) serve every strategy; a
 strategy only decides which parameters train. Frozen parts stay in eval mode, so their BatchNorm
-statistics do not move. Images are held in memory as uint8 and augmented in batches on the device.
+statistics do not move. Images are read a batch at a time (decoded in DataLoader workers where they are
+large) and augmented in batches on the device: the memory of a fine-tune does not grow with the data set.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import logging
 import os
 import re
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -26,7 +26,7 @@ from torch import nn
 from probe import identity
 from probe.backbones import create_backbone, hash_file, partial_prefixes, resolve
 from probe.augment import AUGMENTATIONS, augment, recipe
-from probe.batches import decode_small, iter_batches
+from probe.batches import SMALL_IMAGE_SIDE
 from probe.datasets import ImageDataset, Split, load_dataset
 from probe.preprocess import Preprocess, resize_center_crop
 from probe.errors import ProbeError
@@ -96,36 +96,51 @@ def train_mode(model: nn.Module) -> None:
             module.eval()
 
 
-def _in_memory(split: Split, pre: Preprocess) -> np.ndarray:
-    """The split as one uint8 array of square images: small ones center-cropped to their shorter side,
-    large ones resized as `pre` resizes them and center-cropped to a square of that side (the
-    evaluation crop is taken from it later, as from the small ones).
+class Squares(torch.utils.data.Dataset):
+    """A split's images as uint8 squares [side, side, 3], decoded one at a time (in DataLoader workers for large
+    images), so a fine-tune holds a batch of images, never the data set: small images (CIFAR-sized) are
+    center-cropped to their shorter side, large ones resized as `pre` resizes them and center-cropped to a
+    square of that side (the evaluation crop is taken from it later, as from the small ones).
 
-    Square first, for training and evaluation alike: the random crops are then taken from the same
-    frame that evaluation's center crop shows, never from a squashed non-square one.
+    Square first, for training and evaluation alike: the random crops are then taken from the same frame
+    that evaluation's center crop shows, never from a squashed non-square one. A small image of another size
+    than the split's first is resized to the first's square, so that a batch is one size.
     """
-    split = decode_small(split)
-    if split.pixels is not None:
-        h, w = split.pixels.shape[1:3]
-        side = min(h, w)
-        top, left = (h - side) // 2, (w - side) // 2
-        return np.ascontiguousarray(split.pixels[:, top:top + side, left:left + side])
 
-    def load(i):
-        image = torch.from_numpy(split.read(i)).permute(2, 0, 1)[None].float()
-        square = resize_center_crop(image, replace(pre, size=pre.resize))[0]
-        return square.round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+    def __init__(self, split: Split, pre: Preprocess):
+        self.split, self.pre = split, pre
+        first = split.read(0)
+        self.small = max(first.shape[:2]) <= SMALL_IMAGE_SIDE
+        self.side = min(first.shape[:2]) if self.small else pre.resize
+        self.workers = 0 if self.small else min(8, os.cpu_count() or 1)  # decoding a CIFAR image costs microseconds
 
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        return np.stack(list(pool.map(load, range(len(split)))))
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        image = self.split.read(int(i))
+        h, w = image.shape[:2]
+        if self.small and min(h, w) == self.side:
+            top, left = (h - self.side) // 2, (w - self.side) // 2
+            return torch.from_numpy(np.ascontiguousarray(image[top:top + self.side, left:left + self.side]))
+        frame = replace(self.pre, size=self.side, resize=self.side) if self.small else replace(self.pre, size=self.pre.resize)
+        square = resize_center_crop(torch.from_numpy(image).permute(2, 0, 1)[None].float(), frame)[0]
+        return square.round().clamp(0, 255).byte().permute(1, 2, 0)
+
+    def batches(self, order, batch_size: int, device: torch.device):
+        """uint8 batches [B, 3, side, side] on `device` of the rows in `order`, in that order."""
+        loader = torch.utils.data.DataLoader(self, batch_size=batch_size, sampler=list(map(int, order)),
+                                             num_workers=self.workers, pin_memory=device.type == "cuda")
+        for batch in loader:
+            yield batch.to(device, non_blocking=True).permute(0, 3, 1, 2)
 
 
 @dataclass
 class _Subset:
     classes: list[str]
-    pixels: np.ndarray
+    train: Squares
     labels: np.ndarray
-    test_pixels: np.ndarray
+    test: Squares
     test_labels: np.ndarray
     test_split: str  # how the test split was made
     test_source: str  # the split the test images are rows of: "test", or "train" when held out of it
@@ -133,7 +148,8 @@ class _Subset:
 
 
 def _load(source: ImageDataset, pre, classes, train_per_class, seed, test_fraction=None) -> _Subset:
-    """The data set in memory with the same class, subset and held-out test selection as `probe fit`."""
+    """The data set's selected images (read a batch at a time) with the same class, subset and held-out test
+    selection as `probe fit`."""
     keep = class_indices(source.classes, classes)
     remap = np.full(len(source.classes), -1)
     remap[keep] = np.arange(len(keep))
@@ -153,8 +169,8 @@ def _load(source: ImageDataset, pre, classes, train_per_class, seed, test_fracti
     test_rows = np.flatnonzero(np.isin(test.labels, keep))
     if not len(test_rows):
         raise ProbeError(f"data set {dataset} has no test images of the selected classes; choose others with --classes")
-    return _Subset([source.classes[c] for c in keep], _in_memory(train.subset(rows), pre), remap[train.labels[rows]],
-                   _in_memory(test.subset(test_rows), pre), remap[test.labels[test_rows]], test_split, test_source,
+    return _Subset([source.classes[c] for c in keep], Squares(train.subset(rows), pre), remap[train.labels[rows]],
+                   Squares(test.subset(test_rows), pre), remap[test.labels[test_rows]], test_split, test_source,
                    test_rows if source_rows is None else source_rows[test_rows])
 
 
@@ -294,17 +310,14 @@ def finetune(*, progress: bool = True, **options) -> FitResult:
         net.l2_features = _init_from_head(net.fc, init_head, data.classes)
     net = net.to(dev).to(memory_format=torch.channels_last)
     amp = dev.type == "cuda"
-    X, y = torch.from_numpy(data.pixels), torch.from_numpy(data.labels).to(dev)
+    y = torch.from_numpy(data.labels).to(dev)
 
     def batches(epoch):
         g = torch.Generator().manual_seed(seed * 1000 + epoch)  # a pure function of the epoch: resumable
         order = torch.randperm(len(y), generator=g)
-        for i in range(0, len(order), batch_size):
-            idx = order[i:i + batch_size]
-            images = X[idx].to(dev, non_blocking=True).permute(0, 3, 1, 2).float()
-            yield augment(images, pre, augmentation, g), y[idx.to(dev)]
+        for i, images in zip(range(0, len(order), batch_size), data.train.batches(order, batch_size, dev)):
+            yield augment(images.float(), pre, augmentation, g), y[order[i:i + batch_size].to(dev)]
 
-    test_split = Split(labels=data.test_labels, pixels=data.test_pixels)
     # The per-epoch curve on a fixed seeded subset of the test images when curve_test is given (cheaper);
     # the final test accuracy always on all of them.
     curve_rows = None
@@ -314,15 +327,15 @@ def finetune(*, progress: bool = True, **options) -> FitResult:
     final = {}  # the probabilities of the last evaluation of every test image, for the run's statistics
 
     def evaluate(rows=None):
-        split = test_split if rows is None else test_split.subset(rows)
+        rows = np.arange(len(data.test_labels)) if rows is None else rows
         probabilities = []
         with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=amp):
-            for images in iter_batches(split, pre, 256, dev):
-                probabilities.append(torch.softmax(net(images).float(), 1).cpu().numpy())
+            for images in data.test.batches(rows, 256, dev):
+                probabilities.append(torch.softmax(net(resize_center_crop(images.float(), pre)).float(), 1).cpu().numpy())
         probabilities = np.concatenate(probabilities)
-        if rows is None:
+        if len(rows) == len(data.test_labels):
             final["probabilities"] = probabilities
-        return float((probabilities.argmax(1) == split.labels).mean())
+        return float((probabilities.argmax(1) == data.test_labels[rows]).mean())
 
     checkpoint = out_dir / "checkpoint.pt"
     state = _load_checkpoint(checkpoint, prep.identity) if resume else None

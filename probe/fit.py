@@ -18,7 +18,7 @@ import numpy as np
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from probe import distributed, identity, zeroshot
+from probe import distributed, identity, shift, zeroshot
 from probe.backbones import resolve, weights_identity
 from probe.cache import FeatureCache, open_cache
 from probe.device import format_bytes, resident_bytes
@@ -30,7 +30,7 @@ from probe.heads import (DEFAULT_NORMALIZE, TOKEN_HEADS, VAL_FRACTION, VALIDATIO
 from probe.rows import Part, Rows, parse_bytes
 from probe.runs import HEAD_FORMAT, FitResult, folder_name, save_run  # noqa: F401  (FitResult: re-exported)
 from probe.runs import finished as finished_run
-from probe.selection import TEST_FRACTION, Plan, plan, stores, test_set_identity
+from probe.selection import TEST_FRACTION, Plan, class_indices, plan, stores, test_set_identity
 
 # Bumped when probe's fitting changes its numbers for the same options, so no earlier run is reused.
 REVISION = 1
@@ -112,6 +112,7 @@ class Prepared:
     max_memory: int | None
     weights: str  # what rebuilds the backbone in probe predict (weights_source)
     calibration: Rows | None = None  # --calibrate: the held-out training images the temperature is fitted on
+    evaluations: list | None = None  # --eval: the shift sets' caches the head is also scored on (probe.shift)
 
 
 def fit(*, reuse: bool = False, **options) -> FitResult:
@@ -161,7 +162,8 @@ def prepare(*, head: str = "logreg", features: str | None = None, model: str | N
             pool: str | None = None, layer: str | None = None, data_options: dict | None = None,
             max_memory: str | int | None = None, calibrate: str | None = None,
             normalize: str | None = None, validation: str | None = None,
-            class_text: str | None = None, templates: str | None = None, init: str | None = None) -> Prepared:
+            class_text: str | None = None, templates: str | None = None, init: str | None = None,
+            evaluate: str | list[str] | None = None) -> Prepared:
     """Find the cache, plan the rows, build the head and compute the run's identity; nothing is fitted.
 
     classes: names or indices to keep (a list, or one comma-separated string). max_memory: the whole
@@ -171,6 +173,8 @@ def prepare(*, head: str = "logreg", features: str | None = None, model: str | N
     logreg's gradient (knn's nearest rows) are combined over ranks; rank 0 saves. calibrate
     "temperature": a stratified, seeded 20% of the training images (every view of one together) is held
     out of the fit, and one temperature fitted on it scales the head's probabilities (Guo et al.).
+    evaluate: shift sets ("imagenet_v2,imagenet_r" or a list) an ImageNet head is also scored on, each
+    from its cache beside this one (probe.shift).
     """
     if seed < 0:  # before anything draws from default_rng(seed)
         raise ProbeError(f"--seed must be 0 or more, not {seed}")
@@ -197,6 +201,14 @@ def prepare(*, head: str = "logreg", features: str | None = None, model: str | N
                        data_options=data_options, tokens=tokens)
     if cache.attrs.get("task") == "segmentation":
         raise ProbeError(f"{cache.path.name} is a segmentation set's cache: fit it with --head seg-linear")
+    if "groups" in cache.attrs:
+        raise ProbeError(f"{cache.key['dataset']} is a test-only shift set: score an ImageNet head on it with probe fit "
+                         f"--dataset imagenet --eval {cache.key['dataset']}")
+    if isinstance(evaluate, str):
+        evaluate = [e.strip() for e in evaluate.split(",") if e.strip()]
+    evaluations = shift.find_caches(cache, evaluate) if evaluate else None
+    if evaluations:
+        shift.head_wnids(cache, [0])  # an ImageNet head, or one line
     if tokens:
         cache.columns("train", "tokens")  # one line where the file holds no token maps
         layer = "tokens"
@@ -302,6 +314,7 @@ def prepare(*, head: str = "logreg", features: str | None = None, model: str | N
         # A streamed linear or mlp head draws its minibatches from a shuffle buffer the budget sizes.
         "max_memory": parse_bytes(max_memory) if streamed and head in ("linear", "mlp", "attentive") else None,
         "calibrate": calibrate, "normalize": normalize,
+        **({"evaluate": [c.key for c in evaluations]} if evaluations else {}),  # absent: earlier runs keep theirs
     }
     spec = identity.normalized(spec)
     readable = f"{cache.path.stem}__{head}" + (f"__layer-{layer}" if layer else "") + \
@@ -314,7 +327,7 @@ def prepare(*, head: str = "logreg", features: str | None = None, model: str | N
         calibration_rows = Rows(cache.path.resolve(), [Part(cache.columns("train", layer), None, *calibration,
                                                             np.arange(len(calibration[1])))], budget, keep=False)
     return Prepared(cache, p, head, estimator, layer, int(n_views), train, test, streamed, spec, out_dir,
-                    parse_bytes(max_memory), weights_source(cache, weights), calibration_rows)
+                    parse_bytes(max_memory), weights_source(cache, weights), calibration_rows, evaluations)
 
 
 def _ks(k: int | str | None):
@@ -431,6 +444,9 @@ def run(prep: Prepared) -> FitResult:
         "test_set": test_set(cache, p), "test_set_hash": identity.digest(test_set(cache, p)),
     }
     metrics["most_confused"] = stats.confused_pairs(metrics["confusion_matrix"], names)
+    if prep.evaluations:  # the shift sets, each with the head's probabilities restricted to its classes
+        known = shift.head_wnids(cache, class_indices(cache.classes, prep.identity["classes"]))
+        metrics["shift"] = shift.evaluate(pipeline, [known[c] for c in pipeline.classes_], prep.evaluations)
     artifact = {"format": HEAD_FORMAT, "pipeline": pipeline, "classes": names, "model": key["model"],
                 "weights": prep.weights, "weights_identity": key["weights"], "resolution": key["resolution"],
                 "preprocessing": key["preprocessing"], "pool": key.get("pool"), "feature_dim": int(train.dim),

@@ -29,11 +29,12 @@ log = logging.getLogger("probe")
 def suite(*, models: list[str], datasets: list[str], heads: list[str] = ("logreg",), weights: str = "default",
           resolution: int | None = None, train_per_class: int | None = None, seed: int = 0,
           data_dir: str = "data", cache_dir: str = "cache", out: str | os.PathLike = "runs/suite",
-          device: str = "auto", progress: bool = True) -> dict:
+          device: str = "auto", progress: bool = True, evaluate: list[str] | None = None) -> dict:
     """Extract and fit every model x data set x head; write the table under `out`.
 
     Returns suite.json's content: {"pairs": [{model, dataset, head, status, run, test_accuracy | error}],
-    "failed": [...the pairs that failed...], "table": the pivot (rows, columns, cells, means)}.
+    "failed": [...the pairs that failed...], "table": the pivot (rows, columns, cells, means)}. evaluate:
+    shift sets every model's ImageNet heads are also scored on (probe fit --eval), as columns of the table.
     """
     if not models or not datasets or not heads:
         raise ProbeError("give at least one model, one data set and one head (--models, --datasets, --head)")
@@ -65,8 +66,12 @@ def suite(*, models: list[str], datasets: list[str], heads: list[str] = ("logreg
                 try:  # a finished fit of the same identity in the suite's folder is read back, not redone
                     if isinstance(cache, ProbeError):
                         raise cache
+                    shifts = evaluate if evaluate and dataset == "imagenet" and head != "zeroshot" else None
+                    for name in shifts or ():  # their caches beside the ImageNet one, with the same options
+                        extract(model=model, dataset=name, weights=weights, resolution=resolution, data_dir=data_dir,
+                                cache_dir=cache_dir, device=device, progress=progress)
                     result = fit(head=head, features=str(cache), runs_dir=str(out), train_per_class=train_per_class,
-                                 seed=seed, device=device, reuse=True)
+                                 seed=seed, device=device, reuse=True, evaluate=shifts)
                 except ProbeError as e:  # the pair's extraction failed, or this head's fit
                     log.info(f"{model} on {dataset}, {head}: failed (listed at the end)")
                     pairs.append({"model": _canonical(model), "weights": _recorded_weights(model, weights),

@@ -288,3 +288,54 @@ def cityscapes(root: Path, n_train: int = 6, n_test: int = 4) -> dict:
             for other in ("color", "instanceIds", "polygons"):  # the files torchvision's class lists beside them
                 (base / "gtFine" / split / city / f"{name}_gtFine_{other}.{'json' if other == 'polygons' else 'png'}").touch()
     return {"classes": ["road", "sidewalk", "building"], "train": n_train, "test": n_test}
+
+
+# ImageNet and its shift sets: a few real WordNet ids, images of the bundled sample.
+IMAGENET_WNIDS = ["n01440764", "n01443537", "n01484850", "n01491361"]  # tench, goldfish, white shark, tiger shark
+
+
+def _folder_images(folder: Path, n: int, offset: int, ext: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, im in enumerate(sample_images(n, 24, offset)):
+        im.save(folder / f"{folder.name}_{offset + i}{ext}", format="JPEG" if ext.lower() in (".jpeg", ".jpg") else "PNG")
+
+
+def imagenet(root: Path, n_train: int = 5, n_val: int = 2, meta: bool = False) -> dict:
+    """imagenet/: train/nXXXXXXXX/*.JPEG, val/nXXXXXXXX/*.JPEG (torchvision's layout after it unpacks the archives);
+    with meta, torchvision's meta.bin as parse_devkit_archive writes it: (wnid -> class names, val wnids)."""
+    base = root / "imagenet"
+    for c, wnid in enumerate(IMAGENET_WNIDS):
+        _folder_images(base / "train" / wnid, n_train, 10 * c, ".JPEG")
+        _folder_images(base / "val" / wnid, n_val, 500 + 10 * c, ".JPEG")
+    if meta:
+        import torch
+
+        names = {"n01440764": ("tench", "Tinca tinca"), "n01443537": ("goldfish", "Carassius auratus"),
+                 "n01484850": ("great white shark", "white shark"), "n01491361": ("tiger shark", "Galeocerdo cuvieri")}
+        torch.save((names, [w for w in IMAGENET_WNIDS for _ in range(n_val)]), base / "meta.bin")
+    return {"classes": ["tench", "goldfish", "great white shark"], "train": 4 * n_train, "test": 4 * n_val}
+
+
+def imagenet_shifts(root: Path, n: int = 2) -> dict:
+    """The five shift sets in their published layouts, over the fixture's classes (ImageNet-R and -A: three)."""
+    from probe.datasets.imagenet import readable_names, wnids
+
+    order = wnids()
+    for c, wnid in enumerate(IMAGENET_WNIDS):
+        _folder_images(root / "imagenetv2-matched-frequency-format-val" / str(order.index(wnid)), n, 700 + c, ".jpeg")
+        _folder_images(root / "sketch" / wnid, n, 800 + c, ".JPEG")
+    for c, wnid in enumerate(IMAGENET_WNIDS[1:]):
+        _folder_images(root / "imagenet-r" / wnid, n, 900 + c, ".jpg")
+        _folder_images(root / "imagenet-a" / wnid, n, 950 + c, ".jpg")
+    base = root / "objectnet-1.0"
+    (base / "mappings").mkdir(parents=True, exist_ok=True)
+    names = readable_names()
+    (base / "mappings" / "imagenet_to_label_2012_v2").write_text("\n".join(names[w] for w in order) + "\n")
+    # Two ObjectNet classes: "Fish" maps to two ImageNet classes, "Shark" to two; "Chair" maps to none.
+    (base / "mappings" / "objectnet_to_imagenet_1k.json").write_text(json.dumps(
+        {"Fish": f"{names['n01440764']}; {names['n01443537']}", "Shark": f"{names['n01484850']}; {names['n01491361']}"}))
+    (base / "mappings" / "folder_to_objectnet_label.json").write_text(json.dumps(
+        {"fish": "Fish", "shark": "Shark", "chair": "Chair"}))
+    for c, folder in enumerate(("fish", "shark", "chair")):
+        _folder_images(base / "images" / folder, n, 980 + c, ".png")
+    return {"objectnet": {"classes": ["Fish", "Shark"], "groups": [IMAGENET_WNIDS[:2], IMAGENET_WNIDS[2:]]}}

@@ -164,3 +164,28 @@ def test_zeroshot_smoke(tmp_path):
     assert [line["head"] for line in r["lines"]] == ["zeroshot", "logreg", "logreg+zeroshot"]
     assert [p["shots"] for p in r["lines"][0]["points"]] == [0] and r["random_weights"]
     assert 0 <= r["retrieval"]["mAP"] <= 1 and (tmp_path / "zeroshot_curve.png").stat().st_size > 0
+
+
+def test_tokens_smoke(tmp_path):
+    import tokens
+
+    out = tmp_path / "tokens.json"
+    tokens.main(["--data", str(SAMPLE_DIR), "--model", "timm:test_vit", "--weights", "none", "--resolution", "64",
+                 "--train-per-class", "3", "--test-per-class", "2", "--out", str(out)])
+    r = json.loads(out.read_text())
+    assert [row["head"] for row in r["rows"]] == ["logreg", "attentive"] and r["settings"]["token_shape"] == [4, 4, 64]
+    assert r["epoch_seconds"]["running_the_backbone"] > 0 and set(r["targets_met"]) == {
+        "attentive_at_least_logreg", "cache_epoch_at_most_a_tenth_of_backbone_epoch"}
+
+
+def test_finetune_memory_and_seg_mask_smoke(tmp_path):
+    import finetune_memory
+    import seg_mask
+
+    finetune_memory.main(["--data", str(SAMPLE_DIR), *TINY, "--sizes", "1,2", "--test-per-class", "1",
+                          "--out", str(tmp_path / "fm.json")])
+    r = json.loads((tmp_path / "fm.json").read_text())
+    assert [row["train_images"] for row in r["rows"]] == [10, 20] and r["rows"][0]["peak_rss_bytes"] > 1 << 20
+    seg_mask.main(["--model", "timm:test_vit", "--weights", "none", "--train", "4", "--test", "2",
+                   "--out", str(tmp_path / "seg.json")])
+    assert 0 <= json.loads((tmp_path / "seg.json").read_text())["mean_iou"] <= 1 and (tmp_path / "seg_mask.png").exists()

@@ -139,9 +139,10 @@ def test_finetune_trains_on_the_frame_that_evaluation_shows(tmp_path):
                 path.parent.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(image).save(path)
     data = _load(load_dataset(f"folder:{tmp_path / 'd'}"), Preprocess(32, 32), None, None, 0)
-    for pixels in (data.pixels, data.test_pixels):
-        assert pixels.shape[1:] == (24, 24, 3) and pixels[..., 0].max() == 0
-    images = torch.from_numpy(data.pixels).permute(0, 3, 1, 2).float()
+    batches = [next(squares.batches(range(4), 4, torch.device("cpu"))) for squares in (data.train, data.test)]
+    for pixels in batches:  # the squares a fine-tune reads, a batch at a time
+        assert pixels.shape[1:] == (3, 24, 24) and pixels[:, 0].max() == 0
+    images = batches[0].float()
     for kind in ("rrc", "crop", "none"):
         views = augment(images, Preprocess(32, 32), kind, torch.Generator().manual_seed(0))
         assert views[:, 0].max() < 1, kind  # no red anywhere (the crop's zero padding is black)

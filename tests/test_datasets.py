@@ -129,14 +129,20 @@ def test_the_fingerprint_changes_with_a_label_and_the_cache_key_with_it(tmp_path
     assert load_dataset("food101", data_dir=tmp_path / "data").fingerprint != before
 
 
+NOT_DOWNLOADED = {"cityscapes": "cityscapes-dataset.com", "imagenet": "ILSVRC2012_img_train.tar",
+                  "imagenet_v2": "modestyachts/ImageNetV2", "imagenet_r": "hendrycks/imagenet-r",
+                  "imagenet_a": "hendrycks/natural-adv-examples", "imagenet_sketch": "HaohanWang/ImageNet-Sketch",
+                  "objectnet": "objectnet.dev"}
+
+
 @pytest.mark.parametrize("name", [n for n in NAMED if n != "sample"])
 def test_a_download_without_network_is_one_line_and_leaves_nothing(tmp_path, name, monkeypatch):
     monkeypatch.setenv("PROBE_CIFAR10_URL", "http://127.0.0.1:9/cifar-10-python.tar.gz")  # nothing listens there
     with pytest.raises(ProbeError) as e:
         load_dataset(name, data_dir=tmp_path / "data", download=True)
     message = str(e.value)
-    if name == "cityscapes":  # no download without an account: the error says where to get the archives
-        assert "\n" not in message and "cityscapes-dataset.com" in message and "gtFine_trainvaltest.zip" in message
+    if name in NOT_DOWNLOADED:  # an account or a licence stands between: the error says where to get the archives
+        assert "\n" not in message and NOT_DOWNLOADED[name] in message
     else:
         assert "\n" not in message and "could not download" in message
         assert "--data-dir" in message and "folder:PATH" in message and "hf:FOLDER" in message
@@ -246,5 +252,5 @@ def test_an_hf_hub_data_set_offline_is_one_line(tmp_path):
 
 
 def test_an_unknown_data_set_names_the_choices(run_cli):
-    assert_one_line_error(run_cli("extract", "--dataset", "imagenet", "--weights", "none"),
-                          "unknown data set 'imagenet'", "cifar100", "sun397", "hf:")
+    assert_one_line_error(run_cli("extract", "--dataset", "places365", "--weights", "none"),
+                          "unknown data set 'places365'", "cifar100", "sun397", "hf:")

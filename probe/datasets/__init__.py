@@ -3,6 +3,8 @@
     cifar10, cifar100                 cifar.py (torchvision's pickled batches)
     stl10, svhn, flowers102, dtd, ... torchvision.py (the standard linear-probe suite)
     sample, folder:PATH               folder.py (the bundled sample; your own image folders)
+    imagenet, imagenet_v2, _r, _a,    imagenet.py (ILSVRC2012 and its distribution-shift test sets)
+    imagenet_sketch, objectnet
     ade20k, voc2012_seg, cityscapes,  segmentation.py (masks for dense probes on token maps)
     folder-seg:PATH
     hf:NAME-OR-FOLDER[@CONFIG]        hf.py (needs `pip install "probe[hf]"`)
@@ -20,7 +22,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from probe.datasets import cifar, folder, segmentation, torchvision
+from functools import partial
+
+from probe.datasets import cifar, folder, imagenet, segmentation, torchvision
 from probe.datasets.base import (IMAGE_EXTENSIONS, ImageDataset, ImageFiles, Split, decode_image,
                                  read_image)
 from probe.datasets.folder import SAMPLE_DIR
@@ -41,6 +45,11 @@ NAMED = {
                "ADEChallengeData2016/"),
     "voc2012_seg": (segmentation.voc2012_seg, 21, (1464, 1449), segmentation.PROTOCOL, "VOCdevkit/VOC2012/"),
     "cityscapes": (segmentation.cityscapes, 19, (2975, 500), segmentation.PROTOCOL + " (fine)", "cityscapes/"),
+    "imagenet": (imagenet.imagenet, 1000, (1281167, 50000), imagenet.PROTOCOL, "imagenet/"),
+    **{name: (partial(imagenet.shift, name), classes, (0, size), imagenet.SHIFT_PROTOCOL, folder + "/")
+       for name, classes, size in (("imagenet_v2", 1000, 10000), ("imagenet_r", 200, 30000), ("imagenet_a", 200, 7500),
+                                   ("imagenet_sketch", 1000, 50889), ("objectnet", 113, 18574))
+       for folder in [imagenet.SHIFTS[name][0]]},
     "sample": (lambda root, download: folder.load_sample(root, download), 10, (1000, 500),
                "bundled with probe: 100 train and 50 test images per class of the JPEG CIFAR-10", "(in the package)"),
 }

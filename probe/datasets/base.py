@@ -88,6 +88,8 @@ class ImageDataset:
     protocol: str = OFFICIAL_TEST  # how the test split was made (recorded in the cache and metrics.json)
     captions: list[list[str]] | None = None  # a caption data set's: each image's captions (probe retrieval)
     masks: dict | None = None  # a segmentation set's: {split: MaskFiles} (probe.datasets.segmentation)
+    wnids: list[str] | None = None  # ImageNet's: each class's WordNet id (what shift sets are matched by)
+    groups: list[list[str]] | None = None  # a shift set's: the ImageNet classes (WordNet ids) of each class
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
