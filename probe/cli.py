@@ -166,7 +166,8 @@ def datasets(data_dir):
 
     click.echo(f"{'dataset':<15}{'classes':>8}{'train':>8}{'test':>8}  {'here':<5} protocol")
     for r in describe_datasets(data_dir):
-        click.echo(f"{r['dataset']:<15}{r['classes']:>8}{r['train']:>8}{r['test']:>8}  {'yes' if r['present'] else '-':<5} "
+        click.echo(f"{r['dataset']:<15}{r['classes']:>8}{r['train']:>8}{r['test'] if r['test'] is not None else '?':>8}  "
+                   f"{'yes' if r['present'] else '-':<5} "
                    f"{r['protocol']}")
     click.echo(f"Named data sets are read from {data_dir}/ in torchvision's layout and downloaded there when missing; "
                "also folder:PATH (PATH/train/<class>/*, PATH/test/<class>/*) and hf:NAME-OR-FOLDER[@CONFIG] "

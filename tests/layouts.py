@@ -330,7 +330,11 @@ def imagenet_shifts(root: Path, n: int = 2) -> dict:
     base = root / "objectnet-1.0"
     (base / "mappings").mkdir(parents=True, exist_ok=True)
     names = readable_names()
-    (base / "mappings" / "imagenet_to_label_2012_v2").write_text("\n".join(names[w] for w in order) + "\n")
+    # The names in another order than the classes' (the devkit's, in the real file), and torchvision's index -> line.
+    lines = list(np.random.default_rng(0).permutation(1000))
+    (base / "mappings" / "imagenet_to_label_2012_v2").write_text("\n".join(names[order[k]] for k in lines) + "\n")
+    (base / "mappings" / "pytorch_to_imagenet_2012_id.json").write_text(json.dumps(
+        {str(k): lines.index(k) for k in range(1000)}))
     # Two ObjectNet classes: "Fish" maps to two ImageNet classes, "Shark" to two; "Chair" maps to none.
     (base / "mappings" / "objectnet_to_imagenet_1k.json").write_text(json.dumps(
         {"Fish": f"{names['n01440764']}; {names['n01443537']}", "Shark": f"{names['n01484850']}; {names['n01491361']}"}))

@@ -66,6 +66,10 @@ def test_shift_sets_read_their_layouts(tmp_path):
     objectnet = load_dataset("objectnet", tmp_path, download=False)
     assert objectnet.classes == expected["objectnet"]["classes"] and objectnet.groups == expected["objectnet"]["groups"]
     assert len(objectnet.splits["test"]) == 4  # the chair folder maps to no ImageNet class: not scored
+    from PIL import Image
+
+    stored = np.array(Image.open(objectnet.splits["test"].images.paths[0]).convert("RGB"))
+    np.testing.assert_array_equal(objectnet.splits["test"].read(0), stored[2:-2, 2:-2])  # ObjectNet's border crop
     with pytest.raises(ProbeError, match="imagenet-r.tar"):
         load_dataset("imagenet_r", tmp_path / "empty", download=False)
 
@@ -118,6 +122,8 @@ def test_fit_eval_scores_the_head_on_each_shift_set_restricted(imagenet_world, r
         truth = [[layouts.IMAGENET_WNIDS.index(w) for w in g] for g in groups]
         right = [picked[i] in truth[y[i]] for i in range(len(y))]
         assert m["shift"][name]["test_accuracy"] == pytest.approx(np.mean(right)), name
+        anywhere = [p[i].argmax() in truth[y[i]] for i in range(len(y))]  # the argmax over every class
+        assert m["shift"][name]["test_accuracy_unrestricted"] == pytest.approx(np.mean(anywhere)), name
         assert m["shift"][name]["n_classes"] == len(groups)
     assert m["identity"]["evaluate"][0]["dataset"] == "imagenet_r"
 

@@ -48,7 +48,7 @@ NAMED = {
     "imagenet": (imagenet.imagenet, 1000, (1281167, 50000), imagenet.PROTOCOL, "imagenet/"),
     **{name: (partial(imagenet.shift, name), classes, (0, size), imagenet.SHIFT_PROTOCOL, folder + "/")
        for name, classes, size in (("imagenet_v2", 1000, 10000), ("imagenet_r", 200, 30000), ("imagenet_a", 200, 7500),
-                                   ("imagenet_sketch", 1000, 50889), ("objectnet", 113, 18574))
+                                   ("imagenet_sketch", 1000, 50000), ("objectnet", 113, None))
        for folder in [imagenet.SHIFTS[name][0]]},
     "sample": (lambda root, download: folder.load_sample(root, download), 10, (1000, 500),
                "bundled with probe: 100 train and 50 test images per class of the JPEG CIFAR-10", "(in the package)"),

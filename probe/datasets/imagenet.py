@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from probe.datasets.base import IMAGE_EXTENSIONS, ImageDataset, file_splits, relative_place
+from probe.datasets.base import IMAGE_EXTENSIONS, ImageDataset, ImageFiles, file_splits, relative_place
 from probe.errors import ProbeError
 
 PROTOCOL = "official: train (1,281,167), val (50,000) as the test split"
@@ -132,20 +132,24 @@ def shift(name: str, data_dir: Path, download: bool) -> ImageDataset:
 
 
 def _objectnet(root: Path) -> ImageDataset:
-    """ObjectNet's images of its classes that map to ImageNet, by its mappings/ files: folder -> ObjectNet label
-    (folder_to_objectnet_label.json), ObjectNet label -> ImageNet class names joined by '; '
-    (objectnet_to_imagenet_1k.json), and the ImageNet names in class order (imagenet_to_label_2012_v2)."""
+    """ObjectNet's images of its classes that map to ImageNet, by its mappings/ files, read as ObjectNet's
+    own code and wise-ft's read them: folder -> ObjectNet label (folder_to_objectnet_label.json), ObjectNet
+    label -> ImageNet names joined by '; ' (objectnet_to_imagenet_1k.json), the ImageNet names one per line
+    (imagenet_to_label_2012_v2, in the devkit's order) and torchvision's class index -> that line
+    (pytorch_to_imagenet_2012_id.json). Images lose their 2-pixel border, as ObjectNet's code crops it."""
     maps = root / "mappings"
     try:
         folder_label = json.loads((maps / "folder_to_objectnet_label.json").read_text())
         to_imagenet = json.loads((maps / "objectnet_to_imagenet_1k.json").read_text())
-        imagenet_names = [line.strip() for line in (maps / "imagenet_to_label_2012_v2").read_text().splitlines() if line.strip()]
+        lines = [line.strip() for line in (maps / "imagenet_to_label_2012_v2").read_text().splitlines()]
+        line_of = {int(k): int(v) for k, v in json.loads((maps / "pytorch_to_imagenet_2012_id.json").read_text()).items()}
     except (OSError, ValueError) as e:
         raise ProbeError(f"ObjectNet's mapping files in {maps} are missing or unreadable ({type(e).__name__}); "
                          "objectnet-1.0.zip has them") from None
-    if len(imagenet_names) != 1000:
-        raise ProbeError(f"{maps / 'imagenet_to_label_2012_v2'} lists {len(imagenet_names)} ImageNet classes, not 1000")
-    index, all_wnids = {n: i for i, n in enumerate(imagenet_names)}, wnids()
+    if sorted(line_of) != list(range(1000)) or sorted(line_of.values()) != list(range(1000)) or len(lines) < 1000:
+        raise ProbeError(f"{maps}: pytorch_to_imagenet_2012_id.json and imagenet_to_label_2012_v2 do not map ImageNet's "
+                         "1000 classes one to one")
+    index, all_wnids = {lines[line]: k for k, line in line_of.items()}, wnids()
     labels, groups = [], []
     for label in sorted(to_imagenet):
         members = [n.strip() for n in to_imagenet[label].split(";")]
@@ -162,6 +166,17 @@ def _objectnet(root: Path) -> ImageDataset:
         raise ProbeError(f"no images of ObjectNet's ImageNet-mapped classes under {root / 'images'}")
     built, fingerprint = file_splits({"test": ([str(f) for f, _ in files], [lab for _, lab in files])},
                                      relative_place(root))
+    built["test"].images = BorderCropped(built["test"].images.paths)
     return ImageDataset("objectnet", labels, built, fingerprint, SHIFT_PROTOCOL + " (the 113 ObjectNet classes that map "
-                        "to ImageNet; an ObjectNet image's 1-pixel border is not removed)", groups=groups)
+                        "to ImageNet, a class's score its ImageNet classes' best; the 2-pixel border cropped)", groups=groups)
+
+
+class BorderCropped(ImageFiles):
+    """ObjectNet's images without their 2-pixel (red) border, as its own data loader crops (2, 2, w - 2, h - 2)."""
+
+    def read(self, i: int):
+        return super().read(i)[2:-2, 2:-2]
+
+    def subset(self, rows) -> "BorderCropped":
+        return BorderCropped([self.paths[i] for i in rows])
 
