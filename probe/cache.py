@@ -487,6 +487,15 @@ def verify_cache(path: str | os.PathLike) -> list[str]:
                 features, labels = f[f"{s}/features"][...], f[f"{s}/labels"][...]
                 if not np.isfinite(features).all():
                     problems.append(f"{path}: {s} features hold NaN or infinite values")
+                if cache.token_shape and not all(np.isfinite(f[f"{s}/tokens"][i:i + 256]).all()
+                                                 for i in range(0, len(labels), 256)):
+                    problems.append(f"{path}: {s} token maps hold NaN or infinite values")
+                if f.attrs.get("task") == "segmentation":
+                    masks = f[f"{s}/masks"][...] if f"{s}/masks" in f else None
+                    if masks is None or (masks.size and (masks.min() < -1 or masks.max() >= len(cache.classes))):
+                        problems.append(f"{path}: {s} masks missing or outside -1..{len(cache.classes) - 1}")
+                    if s == "test" and not all(k in f for k in ("test/full_masks", "test/mask_shapes")):
+                        problems.append(f"{path}: the test split's full-resolution masks are missing")
                 if len(labels) and (labels.min() < 0 or labels.max() >= len(cache.classes)):
                     problems.append(f"{path}: {s} labels outside 0..{len(cache.classes) - 1}")
             for name in ("versions", "preprocessing"):

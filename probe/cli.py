@@ -169,9 +169,11 @@ def datasets(data_dir):
         click.echo(f"{r['dataset']:<15}{r['classes']:>8}{r['train']:>8}{r['test'] if r['test'] is not None else '?':>8}  "
                    f"{'yes' if r['present'] else '-':<5} "
                    f"{r['protocol']}")
-    click.echo(f"Named data sets are read from {data_dir}/ in torchvision's layout and downloaded there when missing; "
-               "also folder:PATH (PATH/train/<class>/*, PATH/test/<class>/*) and hf:NAME-OR-FOLDER[@CONFIG] "
-               "(a Hugging Face data set: hub name, save_to_disk folder or parquet files).")
+    click.echo(f"Named data sets are read from {data_dir}/ in their published layouts and downloaded there when they "
+               "can be (ImageNet, its shift sets and Cityscapes need your own archives: docs/imagenet.md, "
+               "docs/tokens.md); also folder:PATH (PATH/train/<class>/*, PATH/test/<class>/*), folder-seg:PATH "
+               "(PATH/{train,test}/images/*, .../masks/*.png), hf:NAME-OR-FOLDER[@CONFIG] (a Hugging Face data set: "
+               "hub name, save_to_disk folder or parquet files), wds:PATTERN and captions:FILE.")
 
 
 @main.command()
@@ -236,7 +238,8 @@ def extract(obj, **options):
                          "split of the training images and the best used. [default: 20]")
 @click.option("--temperature", type=float, help="knn: weight each neighbour's vote by exp(similarity / T), as DINOv2 "
                                                 "(T = 0.07). [default: plain votes]")
-@click.option("--epochs", type=int, help="linear/mlp: epochs. [default: 10]")
+@click.option("--epochs", type=int, help="linear/mlp/attentive/seg-linear: epochs (at least 300 steps are taken in all). "
+                                        "[default: 10; attentive 20]")
 @click.option("--views", type=int, help="Train on N augmented views of each image too: with --features, the first N "
                                        "the cache holds [default: all]; else the cache extracted with --views N.")
 @click.option("--augment", help="With --views N and no --features: the views' augmentation the cache was "

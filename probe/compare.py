@@ -89,6 +89,10 @@ def paired(runs: list[dict]) -> list[dict]:
     base = runs[0]
     if len(runs) < 2:
         raise ProbeError("--paired compares runs with the first: give at least two")
+    dense = next((r for r in runs if r.get("task") == "segmentation"), None)
+    if dense is not None:
+        raise ProbeError(f"{Path(dense['path']).parent} is a segmentation run: --paired compares classification runs "
+                         "image by image (a seg-linear run's mIoU has its interval in metrics.json)")
     base_predictions = load_predictions(Path(base["path"]).parent)
     out = []
     for run in runs[1:]:
@@ -316,7 +320,7 @@ def pivot(runs: list[dict], failures: list[dict] = (), merge: bool = False) -> d
     shown = {}
     for (row, column), candidates in chosen.items():
         newest = max(candidates, key=lambda r: r.get("created", ""))
-        cells[row, column] = newest["test_accuracy"]
+        cells[row, column] = newest["mean_iou"] if newest.get("task") == "segmentation" else newest["test_accuracy"]
         shown[row, column] = newest
         if len(candidates) > 1:
             specs = [r.get("identity") or {"path": r["path"]} for r in candidates]
@@ -334,8 +338,11 @@ def pivot(runs: list[dict], failures: list[dict] = (), merge: bool = False) -> d
     for row in rows:
         values = [cells[row, c] for c in columns if isinstance(cells.get((row, c)), float)]
         means[row] = (sum(values) / len(values), len(values)) if values else (None, 0)
+    if any(r.get("task") == "segmentation" for r in shown.values()):
+        notes.append("segmentation runs (seg-linear): their cells are mIoU, not accuracy")
     return {"rows": rows, "columns": columns, "cells": cells, "means": means, "notes": notes,
-            "intervals": {cell: (r.get("intervals") or {}).get("test_accuracy") for cell, r in shown.items()},
+            "intervals": {cell: (r.get("intervals") or {}).get("mean_iou" if r.get("task") == "segmentation" else
+                                                               "test_accuracy") for cell, r in shown.items()},
             "best": _not_below_best(shown, columns)}
 
 

@@ -22,7 +22,7 @@ from probe.cache import PartialCache, open_cache
 from probe.augment import augment
 from probe.keys import identity_of, resolve_cache, resolve_precision  # noqa: F401  (identity_of: the stage's)
 from probe import distributed
-from probe.datasets.segmentation import write_masks
+from probe.datasets.segmentation import check_masks, write_masks
 from probe.device import device_type, format_bytes, is_out_of_memory, out_of_memory_error
 from probe.errors import ProbeError
 from probe.files import lock as file_lock
@@ -107,6 +107,8 @@ def extract(*, model: str = "resnet18", dataset: str = "cifar10", weights: str =
                 if path.exists() and not force:
                     open_cache(path, expect=key)  # a damaged or other file gets its error here, not a silent re-use
                     decision = "reuse"
+                elif data.masks is not None:  # every mask read once: a bad one fails now, not after the pass
+                    check_masks(data)
             except ProbeError as e:
                 decision = e
         decision = distributed.broadcast(decision)
@@ -160,8 +162,11 @@ class Embedder:
             with torch.inference_mode():  # the grid and width from one small pass
                 self.net(torch.zeros(1, 3, pre.size, pre.size, device=device).contiguous(memory_format=torch.channels_last))
             grid = token_grid(self.net.tokens, self.net.token_prefix)
+            if grid.shape[-1] != grid.shape[-2]:
+                raise ProbeError(f"--tokens: {model} at {pre.size} px gives a {grid.shape[-2]}x{grid.shape[-1]} token "
+                                 "grid, not a square one")
             side = grid.shape[-1] if not tokens else tokens
-            if side > grid.shape[-1] or grid.shape[-1] != grid.shape[-2]:
+            if side > grid.shape[-1]:
                 raise ProbeError(f"--token-grid {tokens}: {model} at {pre.size} px gives a {grid.shape[-2]}x"
                                  f"{grid.shape[-1]} token grid; give at most {grid.shape[-1]}")
             self.token_shape = (side, side, grid.shape[1])
@@ -329,7 +334,7 @@ def _run(data, key, path, weights, kind, batch_size, num_workers, resume, progre
                             features = features[:, :embed.feature_dim]
                         pending.append(features.cpu().numpy().astype(store, copy=False))
                         if tokens and transform is None:
-                            pending_tokens.append(embed.last_tokens.cpu().numpy().astype(tokens["dtype"]))
+                            pending_tokens.append(_stored_tokens(embed.last_tokens, tokens["dtype"]))
                         row += len(images)
                         result.images += len(images)
                         if time.perf_counter() - last_flush > SHARD_SECONDS or row == gap_stop or \
@@ -382,6 +387,16 @@ def _run(data, key, path, weights, kind, batch_size, num_workers, resume, progre
         counts = distributed.all_gather((result.images, result.seconds))
         result.images, result.seconds = sum(c for c, _ in counts), max(t for _, t in counts)
     return result
+
+
+def _stored_tokens(tokens: torch.Tensor, dtype: str) -> np.ndarray:
+    """A batch's token maps in their storage dtype; values float16 cannot hold are refused, not stored as inf."""
+    stored = tokens.cpu().numpy().astype(dtype)
+    if not np.isfinite(stored).all():
+        what = "beyond float16's range (65504)" if np.isfinite(tokens.cpu().numpy()).all() else "not finite"
+        raise ProbeError(f"token values {what} in this batch; extract with --token-dtype float32"
+                         if dtype == "float16" else f"token values {what}: the backbone's output is not usable")
+    return stored
 
 
 def _dataset_extras(data, token_shape, f) -> None:

@@ -20,7 +20,7 @@ from sklearn.preprocessing import StandardScaler
 
 from probe import distributed, identity, shift, zeroshot
 from probe.backbones import resolve, weights_identity
-from probe.cache import FeatureCache, open_cache
+from probe.cache import FeatureCache, cache_path, open_cache
 from probe.device import format_bytes, resident_bytes
 from probe.errors import ProbeError
 from probe.keys import resolve_cache
@@ -34,6 +34,8 @@ from probe.selection import TEST_FRACTION, Plan, class_indices, plan, stores, te
 
 # Bumped when probe's fitting changes its numbers for the same options, so no earlier run is reused.
 REVISION = 1
+# Key fields of what a cache holds besides its features: a cache with them serves a fit without them too.
+EXTRAS = ("tokens", "layers")
 # Head parameters that change no number: where it runs (float32 either way), how queries are batched.
 NEUTRAL_PARAMS = ("device", "chunk")
 
@@ -59,28 +61,30 @@ def find_cache(*, features: str | None = None, model: str | None = None, dataset
                                  data_dir=data_dir, cache_dir=cache_dir, download=False, pool=pool, views=views or 0,
                                  augment=augment, precision=precision, compile=compile, device=device,
                                  data_options=data_options, tokens=tokens)
-    if tokens or (layer is None and not path.exists()):  # the same key with token maps of any grid, the finest first
-        stem = path.stem.rsplit("__", 2 if tokens else 1)[0]
-        found = [open_cache(c) for c in sorted(Path(cache_dir).glob(f"{stem}__tokens*.h5"))]  # unreadable: said
-        found = [c for c in found if identity.same({k: v for k, v in c.key.items() if k != "tokens"},
-                                                   {k: v for k, v in key.items() if k != "tokens"})]
-        if found:  # its pooled features are those of the same options without --tokens
-            return max(found, key=lambda c: c.token_shape[0])
+    if tokens or layer is not None or not path.exists():
+        # A cache extracted with --tokens or --layers holds every feature of the same options without them: the
+        # one that holds what is asked (token maps, the layer), the finest grid or the most layers first.
+        plain = {k: v for k, v in key.items() if k not in EXTRAS}
+        stem = cache_path(cache_dir, plain).stem.rsplit("__", 1)[0]
+        found = []
+        for candidate in sorted(Path(cache_dir).glob(f"{stem}__*.h5")):
+            cache = open_cache(candidate)  # one of these options that cannot be read is named, not passed over
+            if not identity.same({k: v for k, v in cache.key.items() if k not in EXTRAS}, plain):
+                continue
+            try:
+                if (not tokens or cache.token_shape) and (layer is None or cache.layer_group(layer)):
+                    found.append(cache)
+            except ProbeError:  # holds other layers
+                continue
+        if found:
+            return max(found, key=lambda c: ((c.token_shape or (0,))[0] if tokens else 0,
+                                             len(c.layers) if layer == "last4" else -len(c.layers)))
         if tokens:
             raise ProbeError(f"no cache of these options holds token maps; run: probe extract --model {model} "
                              f"--dataset {dataset} --tokens (and the same other options)")
-    if layer is not None:  # the same key plus a set of layers that holds this one (for last4: the most layers)
-        # A cache of these options that cannot be read is named as such, not passed over as missing.
-        caches = [open_cache(c) for c in sorted(Path(cache_dir).glob(f"{path.stem.rsplit('__', 1)[0]}__L*.h5"))]
-        for cache in sorted(caches, key=lambda c: -len(c.layers)) if layer == "last4" else caches:
-            try:
-                other = {k: v for k, v in cache.key.items() if k != "layers"}
-                if identity.same(other, key) and cache.layer_group(layer):
-                    return cache
-            except ProbeError:
-                continue
-        raise ProbeError(f"no cache of these options holds layer {layer!r}; run: probe extract --model {model} "
-                         f"--dataset {dataset} --layers all (and the same other options)")
+        if layer is not None:
+            raise ProbeError(f"no cache of these options holds layer {layer!r}; run: probe extract --model {model} "
+                             f"--dataset {dataset} --layers all (and the same other options)")
     if not path.exists():
         options = [f"--model {model}", f"--dataset {dataset}"]
         options += [f"--pool {pool}"] if pool else []
@@ -227,7 +231,8 @@ def prepare(*, head: str = "logreg", features: str | None = None, model: str | N
     # All stored views by default; a layer has none (views hold the final feature only).
     n_views = (0 if layer is not None else cache.views) if views is None else views
     if layer is not None and n_views:
-        raise ProbeError("augmented views hold the final feature only: drop --views (or give 0) with --layer")
+        raise ProbeError("augmented views hold the final feature only: drop --views (or give 0) with "
+                         + (f"--head {head} (token maps have no views)" if tokens else "--layer"))
     if n_views < 0:
         raise ProbeError(f"--views must be 0 or more, not {n_views}")
     if n_views > cache.views:

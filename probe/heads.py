@@ -516,6 +516,8 @@ class _TrainedHead(_Classifier):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.random_state)  # dropout masks
             self.history_ = train_epochs(module, batches, optimizer=opt, scheduler=sched, epochs=self.n_epochs_,
+                                         diverged="check the features for values that are not finite (probe cache "
+                                                  "verify), or lower the head's learning rate",
                                          class_weight=None if weight is None else
                                          torch.tensor(weight, dtype=torch.float32, device=dev))
         self.module_ = module.eval().cpu()

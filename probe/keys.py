@@ -58,6 +58,9 @@ def resolve_cache(*, model: str = "resnet18", dataset: str = "cifar10", weights:
         pre = dense_preprocess(pre)
         if not tokens:
             raise ProbeError(f"{dataset} is a segmentation data set: extract its token maps with --tokens")
+        if views:
+            raise ProbeError(f"{dataset} is a segmentation data set: its probe trains on token maps, which have no "
+                             "augmented views; drop --views")
     key = cache_key(dataset=data.name, fingerprint=data.fingerprint, protocol=data.protocol, model=spec.name,
                     family=spec.family, weights=spec.weights_identity(weights), resolution=pre.size,
                     preprocessing=pre.as_dict(), pool=pool, dtype=dtype, precision=precision, compiled=bool(compile),

@@ -190,6 +190,11 @@ def predict_masks(artifact: dict, images: list, out_dir: str | Path, device: str
                      precision=artifact.get("precision", "fp32"), tokens=artifact["tokens"]["grid"])
     if embed.token_shape != shape:
         raise ProbeError(f"the head expects {shape} token maps, but {artifact['model']} gives {embed.token_shape}")
+    stems = [Path(image).stem for image in images]
+    clash = next((s for s in stems if stems.count(s) > 1), None)
+    if clash is not None:
+        raise ProbeError(f"two images would write the same mask {clash}.png: give images of different names, or "
+                         "predict them into different --masks folders")
     head, out_dir = artifact["pipeline"], make_dir(out_dir)
     palette = voc_palette()
     results = []

@@ -21,7 +21,7 @@ from probe.errors import ProbeError
 from probe.extract import extract
 from probe.files import atomic_write, make_dir
 from probe.fit import fit
-from probe.heads import HEADS
+from probe.heads import HEADS, TOKEN_HEADS
 
 log = logging.getLogger("probe")
 
@@ -41,6 +41,10 @@ def suite(*, models: list[str], datasets: list[str], heads: list[str] = ("logreg
     unknown = [h for h in heads if h not in HEADS]
     if unknown:
         raise ProbeError(f"unknown head(s) {', '.join(unknown)}: choose from {', '.join(HEADS)}")
+    on_tokens = [h for h in heads if h in TOKEN_HEADS]
+    if on_tokens:
+        raise ProbeError(f"--head {on_tokens[0]} reads token maps, which the suite does not extract: run probe extract "
+                         "--tokens and probe fit for it")
     for model in models:  # every input checked before any work: a typo fails now, not after an hour
         resolve(model)
     for dataset in datasets:

@@ -34,6 +34,7 @@ def train_epochs(
     class_weight: torch.Tensor | None = None,
     progress: bool = False,
     desc: str = "train",
+    diverged: str | None = None,
 ) -> list[dict]:
     """Train `model` with cross-entropy for epochs start_epoch..epochs-1 and return their history.
 
@@ -43,7 +44,8 @@ def train_epochs(
     checkpoints. amp: float16 autocast with a gradient scaler (CUDA). seed: torch's global random
     state is seeded with seed + epoch at the start of each epoch, so what draws from it (dropout,
     stochastic depth) is a function of the epoch alone and a resumed run repeats a straight one.
-    class_weight: per-class weights of the cross-entropy (class_weight="balanced" of the heads).
+    class_weight: per-class weights of the cross-entropy (class_weight="balanced" of the heads). diverged:
+    what the error of a non-finite loss advises (default: probe finetune's learning rates).
     """
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     history = []
@@ -66,8 +68,8 @@ def train_epochs(
             loss_sum += loss.item() * len(y)
             correct += (logits.argmax(1) == y).sum().item()
         if not math.isfinite(loss_sum):
-            raise ProbeError(f"training diverged: the loss is {loss_sum} in epoch {epoch + 1}; lower --lr or --head-lr "
-                             "(finished epochs are in the last checkpoint)")
+            raise ProbeError(f"training diverged: the loss is {loss_sum} in epoch {epoch + 1}; "
+                             + (diverged or "lower --lr or --head-lr (finished epochs are in the last checkpoint)"))
         if scheduler is not None:
             scheduler.step()
         seconds = time.perf_counter() - t0

@@ -151,7 +151,7 @@ def test_truncated_or_incomplete_cache_is_refused_naming_the_file(sample_cache, 
 
 @pytest.mark.parametrize("args, words", [
     (["--model", "resnet19"], ["unknown model", "resnet18"]),
-    (["--dataset", "imagenet"], ["unknown data set", "folder:PATH"]),
+    (["--dataset", "places365"], ["unknown data set", "folder:PATH"]),
     (["--dataset", "folder:/no/such/dir"], ["not an image folder"]),
     (["--dataset", "sample", "--batch-size", "0"], ["batch size must be positive"]),
     (["--dataset", "sample", "--dtype", "int8"], ["unknown dtype"]),

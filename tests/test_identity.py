@@ -73,6 +73,10 @@ def world(tmp_path_factory):
     layouts.folder_seg(seg, 4, 2, ignore=None)  # every value a class: any --ignore-index of them is valid
     for ignore in (255, 0):  # the seg-linear fits of --ignore-index below
         extract(dataset=f"folder-seg:{seg}", tokens=True, data_options={"ignore_index": ignore}, **base)
+    layouts.imagenet(root, n_train=2, n_val=1)  # --eval's ImageNet head and a shift set
+    layouts.imagenet_shifts(root, n=1)
+    for name in ("imagenet", "imagenet_r"):
+        extract(dataset=name, data_dir=str(root), **base)
     clip = open_clip_text_folder(root / "open_clip")
     extract(dataset=f"folder:{a}", **{**base, "model": f"open_clip:local-dir:{clip}", "pool": "proj", "weights": "default"})
     (root / "names.txt").write_text("a cat\na dog\na frog\n")
@@ -155,6 +159,8 @@ def variants(w) -> dict[str, dict[str, tuple[list, list]]]:
            if name not in ("layers", "tokens", "token_grid", "token_dtype")}
     segment = [*cache_opts, "--model", "resnet18", "--dataset", seg, *tiny, "--head", "seg-linear"]
     fit["ignore_index"] = (segment, [*segment, "--ignore-index", "0"])
+    inet = [*cache_opts, "--model", "resnet18", "--dataset", "imagenet", "--data-dir", str(w["root"]), *tiny]
+    fit["evaluate"] = (inet, [*inet, "--eval", "imagenet_r"])
     f = [*ex, *cache_opts]
     held = ["--model", "resnet18", "--dataset", f"folder:{w['train_only']}", *tiny, *cache_opts]
     zs = ["--model", f"open_clip:local-dir:{w['clip']}", "--pool", "proj", "--dataset", a, "--resolution", "32",

@@ -39,6 +39,8 @@ def _reference_tokens(model: str, weights: str, size: int, images: torch.Tensor,
             return t
         if model == "efficientnet_lite0":
             return net.forward_features(x)
+        if model == "timm:test_mambaout":  # channels-last (output_fmt NHWC): stored as every other map
+            return net.model.forward_features(x).permute(0, 3, 1, 2)
         if model == "timm:test_vit":
             t = net.model.forward_features(x)
             return t[:, net.model.num_prefix_tokens:].transpose(1, 2).reshape(len(x), -1, size // 16, size // 16)
@@ -51,7 +53,7 @@ def _reference_tokens(model: str, weights: str, size: int, images: torch.Tensor,
         return t.transpose(1, 2).reshape(len(x), -1, size // 16, size // 16)
 
 
-@pytest.mark.parametrize("model", ["resnet18", "efficientnet_lite0", "timm:test_vit", "open_clip", "hf"])
+@pytest.mark.parametrize("model", ["resnet18", "efficientnet_lite0", "timm:test_vit", "timm:test_mambaout", "open_clip", "hf"])
 def test_each_family_stores_its_own_final_token_map(model, tmp_path):
     size = 64
     if model == "open_clip":
@@ -314,3 +316,56 @@ def test_segmentation_sets_need_tokens_and_their_own_head(seg_run, run_cli):
     assert_one_line_error(run_cli("extract", *common, "--cache-dir", tmp / "c2"), "--tokens")
     assert_one_line_error(run_cli("fit", "--features", cache.path, "--head", "logreg"), "seg-linear")
     assert_one_line_error(run_cli("fit", "--features", cache.path, "--head", "seg-linear", "--C", 1), "--C")
+
+
+def test_what_a_new_user_broke(tmp_path, run_cli, seg_run):
+    """The break-test's findings, each as it was reproduced."""
+    import shutil
+    from PIL import Image
+
+    # A VOC/ADE mask value past the classes: refused before the pass, nothing written (it spilled into the next cell).
+    layouts.ade20k(tmp_path / "ade")
+    bad = tmp_path / "ade" / "ADEChallengeData2016" / "annotations" / "training" / "ADE_train_00000001.png"
+    m = np.array(Image.open(bad))
+    m[:10, :10] = 200
+    Image.fromarray(m).save(bad)
+    common = ["--model", "timm:test_vit", "--weights", "none", "--resolution", 64, "--tokens"]
+    assert_one_line_error(run_cli("extract", *common, "--dataset", "ade20k", "--data-dir", tmp_path / "ade",
+                                  "--cache-dir", tmp_path / "c1"), "holds value 200")
+    assert not list((tmp_path / "c1").glob("*.h5*"))
+    # A mask of another size than its image: refused before the pass.
+    layouts.folder_seg(tmp_path / "fs", 4, 2)
+    small = tmp_path / "fs" / "test" / "masks" / "scene001.png"
+    Image.open(small).resize((20, 20), Image.NEAREST).save(small)
+    assert_one_line_error(run_cli("extract", *common, "--dataset", f"folder-seg:{tmp_path / 'fs'}",
+                                  "--cache-dir", tmp_path / "c2"), "must match its image")
+    assert not list((tmp_path / "c2").glob("*.h5*"))
+    # Token values past float16's range: refused, not stored as inf.
+    import timm
+
+    net = timm.create_model("test_vit")
+    state = net.state_dict()
+    state["norm.weight"] *= 1e5
+    torch.save(state, tmp_path / "big.pth")
+    data = copy_sample(tmp_path / "d", 1, 1)
+    assert_one_line_error(run_cli("extract", "--model", "timm:test_vit", "--weights", tmp_path / "big.pth",
+                                  "--resolution", 64, "--dataset", f"folder:{data}", "--tokens",
+                                  "--cache-dir", tmp_path / "c3"), "--token-dtype float32")
+    # A token cache with --layers serves fit's pooled, layer and token heads alike.
+    args = ["--model", "timm:test_vit", "--weights", "none", "--resolution", 64, "--dataset", f"folder:{data}",
+            "--cache-dir", tmp_path / "c4"]
+    assert run_cli("extract", *args, "--tokens", "--layers", "all").exit_code == 0
+    for head in (["--head", "attentive", "--epochs", 1], ["--head", "logreg"], ["--head", "logreg", "--layer", "last4"]):
+        result = run_cli("fit", *args, *head)
+        assert result.exit_code == 0, (head, result.output)
+    # The suite refuses heads on token maps up front; two images of one name cannot share a mask file.
+    assert_one_line_error(run_cli("suite", "--models", "timm:test_vit", "--datasets", "sample", "--head", "attentive"),
+                          "token maps")
+    _, _, result = seg_run
+    image = sorted((seg_run[0] / "fs" / "test" / "images").glob("*.png"))[0]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    shutil.copy(image, tmp_path / "a" / "x.png")
+    shutil.copy(image, tmp_path / "b" / "x.png")
+    assert_one_line_error(run_cli("predict", "--head", result.out, tmp_path / "a" / "x.png", tmp_path / "b" / "x.png",
+                                  "--masks", tmp_path / "m"), "x.png")

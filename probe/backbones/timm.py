@@ -137,8 +137,9 @@ class TimmFeatures(nn.Module):
         if self.pool == "head" and not self.keep_tokens:
             return self.model(x)  # num_classes=0: forward_head(forward_features(x), pre_logits=True)
         features = self.model.forward_features(x)
-        if self.keep_tokens:
-            self.tokens, self.token_prefix = features, self.prefix_tokens
+        if self.keep_tokens:  # a channels-last map (Swin, MambaOut: output_fmt NHWC) as [N, C, H, W]
+            nhwc = features.ndim == 4 and getattr(self.model, "output_fmt", "NCHW") == "NHWC"
+            self.tokens, self.token_prefix = features.permute(0, 3, 1, 2) if nhwc else features, self.prefix_tokens
         if self.pool == "head":
             return self.model.forward_head(features, pre_logits=True)
         return pool_tokens(features, self.pool, self.model.num_prefix_tokens)

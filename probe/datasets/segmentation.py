@@ -30,13 +30,14 @@ from probe.datasets.base import IMAGE_EXTENSIONS, ImageDataset, ImageFiles, Spli
 from probe.errors import ProbeError
 
 IGNORE = -1  # the class index of an ignored pixel, in every cache
+NOT_A_CLASS = -2  # a table's entry for a stored value that is neither a class nor ignored: refused on reading
 PROTOCOL = "official: train, val as the test split"
 ADE_URL = "http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip"
 
 
 class MaskFiles:
     """Mask PNGs, each read as int16 class indices [H, W] (IGNORE where ignored) through `table`, the
-    class index of each stored value 0..255."""
+    class index of each stored value 0..255; a value the table calls NOT_A_CLASS is refused."""
 
     def __init__(self, paths, table: np.ndarray):
         self.paths, self.table = [str(p) for p in paths], table
@@ -53,12 +54,20 @@ class MaskFiles:
         if values.ndim != 2 or values.dtype != np.uint8:
             raise ProbeError(f"mask {self.paths[i]} is not a single-channel 8-bit PNG ({values.dtype}, "
                              f"{values.shape}); save masks as class indices, 0..255")
-        return self.table[values]
+        classes = self.table[values]
+        if (classes == NOT_A_CLASS).any():
+            bad = int(values[classes == NOT_A_CLASS][0])
+            raise ProbeError(f"mask {self.paths[i]} holds value {bad}, which is neither one of the "
+                             f"{int(self.table.max()) + 1} classes nor the ignored value")
+        return classes
 
 
-def table(mapping: dict[int, int] | None = None, shift: int = 0, ignore: tuple[int, ...] = (255,)) -> np.ndarray:
-    """A value -> class table: value - shift (mapping where given), IGNORE for `ignore` values."""
+def table(n_classes: int, mapping: dict[int, int] | None = None, shift: int = 0,
+          ignore: tuple[int, ...] = (255,)) -> np.ndarray:
+    """A value -> class table: value - shift (mapping where given, every other value ignored), IGNORE for
+    `ignore` values, NOT_A_CLASS for a value past the n_classes classes."""
     t = np.arange(256, dtype=np.int16) - shift
+    t[t >= n_classes] = NOT_A_CLASS
     if mapping is not None:
         t = np.full(256, IGNORE, np.int16)
         for value, cls in mapping.items():
@@ -95,7 +104,7 @@ def ade20k(data_dir: Path, download: bool) -> ImageDataset:
         images = sorted(p for p in (root / "images" / folder).glob("*.jpg"))
         pairs[split] = ([str(p) for p in images], [str(root / "annotations" / folder / f"{p.stem}.png") for p in images])
     classes = json.loads((Path(__file__).parent / "ade20k_classes.json").read_text())
-    return _dataset("ade20k", root, classes, pairs, table(shift=1, ignore=(0,)))
+    return _dataset("ade20k", root, classes, pairs, table(len(classes), shift=1, ignore=(0,)))
 
 
 def voc2012_seg(data_dir: Path, download: bool) -> ImageDataset:
@@ -106,7 +115,7 @@ def voc2012_seg(data_dir: Path, download: bool) -> ImageDataset:
     classes = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor"]
     pairs = {split: (list(p.images), list(p.masks)) for split, p in parts.items()}
-    return _dataset("voc2012_seg", data_dir / "VOCdevkit" / "VOC2012", classes, pairs, table())
+    return _dataset("voc2012_seg", data_dir / "VOCdevkit" / "VOC2012", classes, pairs, table(len(classes)))
 
 
 def cityscapes(data_dir: Path, download: bool) -> ImageDataset:
@@ -122,7 +131,7 @@ def cityscapes(data_dir: Path, download: bool) -> ImageDataset:
     classes = [next(c.name for c in tvd.Cityscapes.classes if c.train_id == t) for t in train_classes]
     mapping = {c.id: c.train_id for c in tvd.Cityscapes.classes if 0 <= c.id < 256 and 0 <= c.train_id < 255}
     pairs = {split: (list(p.images), [t[0] for t in p.targets]) for split, p in parts.items()}
-    return _dataset("cityscapes", root, classes, pairs, table(mapping))
+    return _dataset("cityscapes", root, classes, pairs, table(len(classes), mapping))
 
 
 def folder_seg(path: str, data_dir: Path, download: bool, options: dict) -> ImageDataset:
@@ -135,7 +144,7 @@ def folder_seg(path: str, data_dir: Path, download: bool, options: dict) -> Imag
         if split == "train" or images:
             pairs[split] = ([str(p) for p in images], [str(root / split / "masks" / f"{p.stem}.png") for p in images])
     if "test" not in pairs:
-        raise ProbeError(f"folder-seg:{path}: no test/images/ folder (a segmentation set needs its own test split)")
+        raise ProbeError(f"folder-seg:{path}: no images in test/images/ (a segmentation set needs its own test split)")
     ignore = int(options.get("ignore_index", 255))
     if not 0 <= ignore <= 255:
         raise ProbeError(f"--ignore-index {ignore}: give a mask value 0..255")
@@ -143,24 +152,28 @@ def folder_seg(path: str, data_dir: Path, download: bool, options: dict) -> Imag
     if names.is_file():
         classes = [line.strip() for line in names.read_text().splitlines() if line.strip()]
     else:  # the values the masks hold, 0..max
-        top = max(int(MaskFiles(masks, table(ignore=(ignore,))).read(i).max())
+        top = max(int(MaskFiles(masks, table(256, ignore=(ignore,))).read(i).max())
                   for _, masks in pairs.values() for i in range(len(masks)))
         classes = [str(i) for i in range(top + 1)]
-    data = _dataset(f"folder-seg:{root}", root, classes, pairs, table(ignore=(ignore,)))
-    _check_values(data, len(classes), ignore)
-    return data
+    return _dataset(f"folder-seg:{root}", root, classes, pairs, table(len(classes), ignore=(ignore,)))
 
 
-def _check_values(data: ImageDataset, n_classes: int, ignore: int) -> None:
-    """Refuse a folder-seg set whose masks hold a value that is neither a class nor the ignore value."""
+def check_masks(data: ImageDataset) -> None:
+    """Read every mask once before a backbone pass: each a class index map (no value past the classes) of
+    its image's size (from the image file's header). A mask that would fail at the end of the pass fails
+    now, with nothing written."""
     for split, masks in data.masks.items():
-        raw = MaskFiles(masks.paths, np.arange(256, dtype=np.int16))
-        for i in range(len(raw)):
-            values = np.unique(raw.read(i))
-            bad = values[(values >= n_classes) & (values != ignore)]
-            if len(bad):
-                raise ProbeError(f"mask {raw.paths[i]} holds value {int(bad[0])}, but there are {n_classes} classes "
-                                 f"(classes.txt) and the ignore value is {ignore} (--ignore-index)")
+        images = data.splits[split].images
+        for i in range(len(masks)):
+            mask = masks.read(i)
+            try:
+                with Image.open(images.name(i)) as im:  # the header only: its size
+                    width, height = im.size
+            except OSError as e:
+                raise ProbeError(f"cannot read image {images.name(i)}: {e}; delete or replace that file") from None
+            if (height, width) != mask.shape:
+                raise ProbeError(f"mask {masks.paths[i]} is {mask.shape[1]}x{mask.shape[0]}, its image "
+                                 f"{width}x{height}: a mask must match its image")
 
 
 def _download(root: Path, download: bool, what: str, url: str) -> None:
@@ -201,14 +214,8 @@ def write_masks(data: ImageDataset, token_shape: tuple[int, int, int], f) -> Non
         if split == "test":
             full = f.create_dataset("test/full_masks", shape=(len(masks),), dtype=h5py.vlen_dtype(np.int16))
             shapes = f.create_dataset("test/mask_shapes", shape=(len(masks), 2), dtype=np.int64)
-        images = data.splits[split].images
-        for i in range(len(masks)):
+        for i in range(len(masks)):  # check_masks has read each before the pass
             mask = masks.read(i)
-            with Image.open(images.name(i)) as im:  # the header only: its size
-                width, height = im.size
-            if (height, width) != mask.shape:
-                raise ProbeError(f"mask {masks.paths[i]} is {mask.shape[1]}x{mask.shape[0]}, its image "
-                                 f"{width}x{height}: a mask must match its image")
             cells[i] = cell_labels(mask, side, n)
             if split == "test":
                 full[i], shapes[i] = mask.ravel(), mask.shape
