@@ -574,7 +574,8 @@ def depth(obj, caches, **options):
 
 @main.command()
 @click.argument("caches", nargs=-1, type=click.Path())
-@click.option("--head", help="Comma-separated heads: logreg, linear, mlp, knn; on an image-text model's --pool proj "
+@click.option("--head", help="Comma-separated heads: logreg, linear, mlp, knn; attentive on a cache extracted with "
+                             "--tokens; on an image-text model's --pool proj "
                              "cache also zeroshot (the k = 0 point) and logreg+zeroshot, linear+zeroshot (with --init "
                              "zeroshot). [default: logreg]")
 @click.option("--shots", help="Labelled training images per class, and/or all. [default: 1,2,4,8,16,all]")

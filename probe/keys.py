@@ -53,6 +53,8 @@ def resolve_cache(*, model: str = "resnet18", dataset: str = "cifar10", weights:
         raise ProbeError(f"--token-grid {token_grid}: give a positive grid side, with --tokens")
     if tokens and token_dtype not in DTYPES:
         raise ProbeError(f"unknown token dtype {token_dtype!r}: choose one of {', '.join(DTYPES)}")
+    if not tokens and token_dtype != "float16":
+        raise ProbeError(f"--token-dtype {token_dtype} is the storage of token maps: give --tokens too")
     data = load_dataset(dataset, data_dir=data_dir, download=download, options=data_options)
     if data.masks is not None:  # a segmentation set: the whole image, squashed, so the tokens tile it all
         pre = dense_preprocess(pre)

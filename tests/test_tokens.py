@@ -113,6 +113,7 @@ def test_extract_tokens_cli_writes_one_chunk_per_image_and_a_key_of_its_own(run_
     assert run_cli(*args, "--tokens").output.startswith("cache hit")
     assert_one_line_error(run_cli(*args, "--tokens", "--token-grid", 5), "--token-grid 5", "3x3")
     assert_one_line_error(run_cli(*args, "--token-grid", 2), "--token-grid")
+    assert_one_line_error(run_cli(*args, "--token-dtype", "float32"), "--tokens")
 
 
 def test_tokens_refuse_a_disk_too_small_before_the_pass(tmp_path, monkeypatch):
