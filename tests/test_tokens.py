@@ -370,3 +370,40 @@ def test_what_a_new_user_broke(tmp_path, run_cli, seg_run):
     shutil.copy(image, tmp_path / "b" / "x.png")
     assert_one_line_error(run_cli("predict", "--head", result.out, tmp_path / "a" / "x.png", tmp_path / "b" / "x.png",
                                   "--masks", tmp_path / "m"), "x.png")
+
+
+def test_a_killed_token_extraction_resumes_to_the_same_file(tmp_path):
+    """A segmentation set's token cache (token shards beside the feature shards, masks at assembly) killed
+    twice mid-pass: the run that finishes it writes what one straight run writes, bit for bit."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    layouts.folder_seg(tmp_path / "fs", 12, 4)
+    options = dict(model="timm:test_vit", weights="none", resolution=64, dataset=f"folder-seg:{tmp_path / 'fs'}",
+                   tokens=True, batch_size=2, device="cpu")
+    reference = extract(**options, cache_dir=str(tmp_path / "ref"), progress=False).path
+    cache_dir = tmp_path / "cache"
+    args = ["--model", "timm:test_vit", "--weights", "none", "--resolution", "64", "--dataset", options["dataset"],
+            "--tokens", "--batch-size", "2", "--device", "cpu", "--cache-dir", str(cache_dir)]
+    env = {**os.environ, "PROBE_SHARD_SECONDS": "0"}  # a shard after every batch: tokens first, then features
+    for kill_after in (3, 8):
+        proc = subprocess.Popen([sys.executable, "-m", "probe.cli", "-q", "extract", *args], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while len(list(cache_dir.glob("*.parts/*.npy"))) < kill_after and proc.poll() is None:
+            assert time.time() < deadline
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert not list(cache_dir.glob("*.h5")), "a killed run must not leave a file that looks complete"
+    result = extract(**options, cache_dir=str(cache_dir), progress=False)
+    assert 0 < result.images < 16 and not list(cache_dir.glob("*.parts"))  # it resumed
+    with h5py.File(result.path) as got, h5py.File(reference) as want:
+        for name in ("train/features", "train/tokens", "train/masks", "test/features", "test/tokens", "test/masks",
+                     "test/mask_shapes"):
+            np.testing.assert_array_equal(got[name][...], want[name][...], err_msg=name)
+        for i in range(4):
+            np.testing.assert_array_equal(got["test/full_masks"][i], want["test/full_masks"][i])
