@@ -38,6 +38,13 @@ def decode_small(split: Split) -> Split:
     return Split(labels=split.labels, pixels=np.stack(images), images=split.images)
 
 
+def loader_workers() -> int:
+    """DataLoader workers for decoding: this process's share of the cores (torchrun's ranks on one machine,
+    LOCAL_WORLD_SIZE, share them), at most 8."""
+    cores = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return min(8, max(1, cores))
+
+
 def center_square(images: torch.Tensor) -> torch.Tensor:
     """The central square of images [..., H, W], of side min(H, W)."""
     h, w = images.shape[-2:]
@@ -79,8 +86,7 @@ def iter_batches(split: Split, pre: Preprocess, batch_size: int, device: torch.d
             yield resize_center_crop(batch, pre) if transform is None else transform(batch, i)
         return
     # Ranks on one machine share its cores (LOCAL_WORLD_SIZE: torchrun's processes per node).
-    cores = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    workers = min(8, max(1, cores)) if num_workers is None else num_workers
+    workers = loader_workers() if num_workers is None else num_workers
     loader = torch.utils.data.DataLoader(
         _DecodeResize(split, start, stop, pre), batch_size=batch_size, num_workers=workers,
         pin_memory=device.type == "cuda",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -22,7 +21,7 @@ from probe.cache import PartialCache, open_cache
 from probe.augment import augment
 from probe.keys import identity_of, resolve_cache, resolve_precision  # noqa: F401  (identity_of: the stage's)
 from probe import distributed
-from probe.datasets.segmentation import check_masks, write_masks
+from probe.datasets.segmentation import check_masks, write_extras
 from probe.device import device_type, format_bytes, is_out_of_memory, out_of_memory_error
 from probe.errors import ProbeError
 from probe.files import lock as file_lock
@@ -376,7 +375,7 @@ def _run(data, key, path, weights, kind, batch_size, num_workers, resume, progre
             parts.finish(classes=data.classes, labels={s: sp.labels for s, sp in data.splits.items()},
                          feature_dim=embed.feature_dim, versions=_versions(),
                          layer_dims=embed.layer_dims, all_layers=embed.all_layers, token_shape=embed.token_shape,
-                         extra=partial(_dataset_extras, data, embed.token_shape),
+                         extra=partial(write_extras, data, embed.token_shape),
                          weights_path="" if weights in ("default", "none") else str(Path(weights).resolve()))
         except ProbeError as e:
             published = e
@@ -398,17 +397,6 @@ def _stored_tokens(tokens: torch.Tensor, dtype: str) -> np.ndarray:
         raise ProbeError(f"token values {what} in this batch; extract with --token-dtype float32"
                          if dtype == "float16" else f"token values {what}: the backbone's output is not usable")
     return stored
-
-
-def _dataset_extras(data, token_shape, f) -> None:
-    """What a data set adds to its cache file: a segmentation set's masks, ImageNet's WordNet ids, a shift
-    set's class groups (probe.shift reads the last two)."""
-    if data.masks is not None:
-        write_masks(data, token_shape, f)
-    if data.wnids:
-        f.attrs["wnids"] = json.dumps(data.wnids)
-    if data.groups:
-        f.attrs["groups"] = json.dumps(data.groups)
 
 
 def _check_token_space(path: Path, shape: tuple[int, int, int], dtype: np.dtype, images: int) -> None:

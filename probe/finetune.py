@@ -13,7 +13,6 @@ from __future__ import annotations
 import datetime
 import io
 import logging
-import os
 import re
 import time
 from dataclasses import dataclass, replace
@@ -26,7 +25,7 @@ from torch import nn
 from probe import identity
 from probe.backbones import create_backbone, hash_file, partial_prefixes, resolve
 from probe.augment import AUGMENTATIONS, augment, recipe
-from probe.batches import SMALL_IMAGE_SIDE
+from probe.batches import SMALL_IMAGE_SIDE, loader_workers
 from probe.datasets import ImageDataset, Split, load_dataset
 from probe.preprocess import Preprocess, resize_center_crop
 from probe.errors import ProbeError
@@ -112,7 +111,7 @@ class Squares(torch.utils.data.Dataset):
         first = split.read(0)
         self.small = max(first.shape[:2]) <= SMALL_IMAGE_SIDE
         self.side = min(first.shape[:2]) if self.small else pre.resize
-        self.workers = 0 if self.small else min(8, os.cpu_count() or 1)  # decoding a CIFAR image costs microseconds
+        self.workers = 0 if self.small else loader_workers()  # decoding a CIFAR image costs microseconds
 
     def __len__(self) -> int:
         return len(self.split)

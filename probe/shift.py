@@ -42,11 +42,11 @@ def head_wnids(cache: FeatureCache, kept: list[int]) -> list[str]:
 
 def find_caches(cache: FeatureCache, names: list[str]) -> list[FeatureCache]:
     """For each shift set, the cache beside `cache` with the same key but for the data set."""
+    from probe.datasets import NAMED
+    from probe.datasets.imagenet import SHIFTS
+
     found = []
     for name in names:
-        from probe.datasets import NAMED
-        from probe.datasets.imagenet import SHIFTS
-
         if name not in SHIFTS:
             raise ProbeError(f"--eval {name}: choose among the shift sets {', '.join(SHIFTS)}"
                              + ("" if name in NAMED else " (probe datasets lists them)"))

@@ -92,6 +92,13 @@ class ImageDataset:
     groups: list[list[str]] | None = None  # a shift set's: the ImageNet classes (WordNet ids) of each class
 
 
+def image_files(folder: Path) -> list[Path]:
+    """The image files directly in `folder` (by extension), sorted; none where the folder is missing."""
+    if not folder.is_dir():
+        return []
+    return sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file())
+
+
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """Decode an image file to uint8 RGB [H, W, 3]; grayscale, palette and RGBA are converted."""
     try:

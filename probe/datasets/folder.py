@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from probe.datasets.base import HELD_OUT, IMAGE_EXTENSIONS, OFFICIAL_TEST, ImageDataset, file_splits
+from probe.datasets.base import HELD_OUT, IMAGE_EXTENSIONS, OFFICIAL_TEST, ImageDataset, file_splits, image_files
 from probe.errors import ProbeError
 
 SAMPLE_DIR = Path(__file__).parent / "sample"
@@ -29,7 +29,7 @@ def load_folder(path: Path, name: str) -> ImageDataset:
         paths, labels = [], []
         for label, cls in enumerate(classes):
             folder = path / split / cls
-            files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS) if folder.is_dir() else []
+            files = image_files(folder)
             if split == "train" and not files:  # a class no head can learn, and one that shifts every label after it
                 raise ProbeError(f"{folder} has no images (extensions: {' '.join(IMAGE_EXTENSIONS)}); add some or "
                                  "remove the folder")

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from probe.datasets.base import IMAGE_EXTENSIONS, ImageDataset, ImageFiles, file_splits, relative_place
+from probe.datasets.base import ImageDataset, ImageFiles, file_splits, image_files, relative_place
 from probe.errors import ProbeError
 
 PROTOCOL = "official: train (1,281,167), val (50,000) as the test split"
@@ -56,10 +56,6 @@ def readable_names() -> dict[str, str]:
     return {w: d.split(",")[0].strip() for w, d in ImageNetInfo("imagenet-1k").label_descriptions(as_dict=True).items()}
 
 
-def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-
-
 def imagenet(data_dir: Path, download: bool) -> ImageDataset:
     root = data_dir / "imagenet"
     archives = [root / n for n in ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")]
@@ -81,7 +77,7 @@ def imagenet(data_dir: Path, download: bool) -> ImageDataset:
         if [c for c in present if c not in index]:
             raise ProbeError(f"{root / folder} holds class folders that train/ does not: "
                              f"{', '.join(c for c in present if c not in index)[:200]}")
-        files = [(f, index[c]) for c in present for f in _image_files(root / folder / c)]
+        files = [(f, index[c]) for c in present for f in image_files(root / folder / c)]
         splits[split] = ([str(f) for f, _ in files], [lab for _, lab in files])
     built, fingerprint = file_splits(splits, relative_place(root))
     names = readable_names()
@@ -125,7 +121,7 @@ def shift(name: str, data_dir: Path, download: bool) -> ImageDataset:
         if bad:
             raise ProbeError(f"{root} holds folder {bad[0]!r}, which is not an ImageNet-1k WordNet id")
         groups = [[f] for f in folders]
-    files = [(f, i) for i, d in enumerate(folders) for f in _image_files(root / d)]
+    files = [(f, i) for i, d in enumerate(folders) for f in image_files(root / d)]
     built, fingerprint = file_splits({"test": ([str(f) for f, _ in files], [lab for _, lab in files])},
                                      relative_place(root))
     return ImageDataset(name, [names[g[0]] for g in groups], built, fingerprint, SHIFT_PROTOCOL, groups=groups)
@@ -161,7 +157,7 @@ def _objectnet(root: Path) -> ImageDataset:
         groups.append(sorted(all_wnids[index[n]] for n in members))
     of_label = {label: i for i, label in enumerate(labels)}
     files = [(f, of_label[folder_label[d.name]]) for d in sorted((root / "images").iterdir())
-             if d.is_dir() and folder_label.get(d.name) in of_label for f in _image_files(d)]
+             if d.is_dir() and folder_label.get(d.name) in of_label for f in image_files(d)]
     if not files:
         raise ProbeError(f"no images of ObjectNet's ImageNet-mapped classes under {root / 'images'}")
     built, fingerprint = file_splits({"test": ([str(f) for f, _ in files], [lab for _, lab in files])},

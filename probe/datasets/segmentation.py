@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from probe.datasets.base import IMAGE_EXTENSIONS, ImageDataset, ImageFiles, Split, files_fingerprint
+from probe.datasets.base import ImageDataset, ImageFiles, Split, files_fingerprint, image_files
 from probe.errors import ProbeError
 
 IGNORE = -1  # the class index of an ignored pixel, in every cache
@@ -140,7 +140,7 @@ def folder_seg(path: str, data_dir: Path, download: bool, options: dict) -> Imag
         raise ProbeError(f"folder-seg:{path}: no folder {root}")
     pairs = {}
     for split in ("train", "test"):
-        images = sorted(p for p in (root / split / "images").glob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        images = image_files(root / split / "images")
         if split == "train" or images:
             pairs[split] = ([str(p) for p in images], [str(root / split / "masks" / f"{p.stem}.png") for p in images])
     if "test" not in pairs:
@@ -220,3 +220,14 @@ def write_masks(data: ImageDataset, token_shape: tuple[int, int, int], f) -> Non
             if split == "test":
                 full[i], shapes[i] = mask.ravel(), mask.shape
     f.attrs.update({"task": "segmentation", "ignore_index": IGNORE})
+
+
+def write_extras(data: ImageDataset, token_shape: tuple[int, int, int] | None, f) -> None:
+    """What a data set adds to its cache file (open h5py file): a segmentation set's masks, ImageNet's WordNet
+    ids, a shift set's class groups (probe.shift reads the last two)."""
+    if data.masks is not None:
+        write_masks(data, token_shape, f)
+    if data.wnids:
+        f.attrs["wnids"] = json.dumps(data.wnids)
+    if data.groups:
+        f.attrs["groups"] = json.dumps(data.groups)
