@@ -179,3 +179,23 @@ def hf_text_folder(folder: Path, kind: str) -> Path:
     processor.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def kill_extract_after_shards(args: list, cache_dir: Path, shards: int) -> None:
+    """Run `probe extract ARGS --cache-dir cache_dir` as its own process, writing a shard after every batch, and
+    kill it (SIGKILL) once the shard folder holds `shards` files, or when it ends first."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "PROBE_SHARD_SECONDS": "0"}
+    proc = subprocess.Popen([sys.executable, "-m", "probe.cli", "-q", "extract", *map(str, args), "--cache-dir",
+                             str(cache_dir)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while len(list(Path(cache_dir).glob("*.parts/*.npy"))) < shards and proc.poll() is None:
+        assert time.time() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+

@@ -1,15 +1,11 @@
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import h5py
 import numpy as np
 import pytest
 
-from conftest import SAMPLE_RES, assert_one_line_error, copy_sample
+from conftest import SAMPLE_RES, assert_one_line_error, copy_sample, kill_extract_after_shards
 from probe.cache import open_cache
 from probe.datasets import load_dataset
 from probe.errors import ProbeError
@@ -107,16 +103,8 @@ def test_a_killed_extraction_resumes_to_the_same_features(tmp_path):
     reference = extract(**_as_kwargs(args), cache_dir=str(tmp_path / "ref"), progress=False).path
 
     cache_dir = tmp_path / "cache"
-    env = {**os.environ, "PROBE_SHARD_SECONDS": "0"}  # a shard after every batch
     for kill_after in (2, 17):  # shards: early in train, then into the test split
-        proc = subprocess.Popen([sys.executable, "-m", "probe.cli", "-q", "extract", *args, "--cache-dir", cache_dir],
-                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 120
-        while len(list(cache_dir.glob("*.parts/*.npy"))) < kill_after and proc.poll() is None:
-            assert time.time() < deadline
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        kill_extract_after_shards(args, cache_dir, kill_after)
         assert not list(cache_dir.glob("*.h5")), "a killed run must not leave a file that looks complete"
     result = extract(**_as_kwargs(args), cache_dir=str(cache_dir), progress=False)
     assert 0 < result.images < 90  # it resumed rather than starting over

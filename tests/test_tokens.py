@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import layouts
-from conftest import assert_one_line_error, copy_sample, hf_text_folder, open_clip_text_folder
+from conftest import assert_one_line_error, copy_sample, hf_text_folder, kill_extract_after_shards, open_clip_text_folder
 from probe.attentive import AttentivePooler
 from probe.backbones import create_backbone, token_grid
 from probe.cache import PartialCache, open_cache
@@ -375,29 +375,15 @@ def test_what_a_new_user_broke(tmp_path, run_cli, seg_run):
 def test_a_killed_token_extraction_resumes_to_the_same_file(tmp_path):
     """A segmentation set's token cache (token shards beside the feature shards, masks at assembly) killed
     twice mid-pass: the run that finishes it writes what one straight run writes, bit for bit."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
     layouts.folder_seg(tmp_path / "fs", 12, 4)
     options = dict(model="timm:test_vit", weights="none", resolution=64, dataset=f"folder-seg:{tmp_path / 'fs'}",
                    tokens=True, batch_size=2, device="cpu")
     reference = extract(**options, cache_dir=str(tmp_path / "ref"), progress=False).path
     cache_dir = tmp_path / "cache"
     args = ["--model", "timm:test_vit", "--weights", "none", "--resolution", "64", "--dataset", options["dataset"],
-            "--tokens", "--batch-size", "2", "--device", "cpu", "--cache-dir", str(cache_dir)]
-    env = {**os.environ, "PROBE_SHARD_SECONDS": "0"}  # a shard after every batch: tokens first, then features
-    for kill_after in (3, 8):
-        proc = subprocess.Popen([sys.executable, "-m", "probe.cli", "-q", "extract", *args], env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 120
-        while len(list(cache_dir.glob("*.parts/*.npy"))) < kill_after and proc.poll() is None:
-            assert time.time() < deadline
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+            "--tokens", "--batch-size", "2", "--device", "cpu"]
+    for kill_after in (3, 8):  # a shard after every batch: its tokens first, then its features
+        kill_extract_after_shards(args, cache_dir, kill_after)
         assert not list(cache_dir.glob("*.h5")), "a killed run must not leave a file that looks complete"
     result = extract(**options, cache_dir=str(cache_dir), progress=False)
     assert 0 < result.images < 16 and not list(cache_dir.glob("*.parts"))  # it resumed
